@@ -1,0 +1,69 @@
+"""Encoder stage: MiniLM-L6 sentence embeddings (mean pooling over the mask, L2-normalised).
+
+The heaviest stage: in Serve it batches with ``@serve.batch`` and may sit on a GPU fraction; in Ray
+Data it runs in an actor pool. Either way the weights are loaded once, in the constructor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from servecore.batching import Batch
+from servecore.devices import resolve_device, set_torch_threads
+from servecore.registry import open_model
+
+
+def _as_matrix(column: np.ndarray) -> np.ndarray:
+    """Token ids as a 2-D matrix; Ray Data may hand ragged rows as an object array."""
+    if column.dtype != object and column.ndim == 2:
+        return column
+    rows = [np.asarray(r, dtype=np.int64) for r in column]
+    width = max((len(r) for r in rows), default=0)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class Encoder:
+    """Token ids → ``{"embedding": float32[n, 384], "num_tokens": int64[n]}``."""
+
+    def __init__(
+        self,
+        model_uri: str | None = None,
+        model_dir: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_rows_per_forward: int = 64,
+    ) -> None:
+        from transformers import AutoModel
+
+        set_torch_threads(num_threads)
+        self.model_ref, path = open_model(model_uri, model_dir, artifact="transformer")
+        self.device = resolve_device(device)
+        self.max_rows_per_forward = max_rows_per_forward
+        self._model = AutoModel.from_pretrained(str(path)).to(self.device).eval()
+        self.dimension = int(self._model.config.hidden_size)
+
+    def __call__(self, batch: Batch) -> Batch:
+        ids = _as_matrix(batch["input_ids"])
+        mask = _as_matrix(batch["attention_mask"])
+        lengths = mask.sum(axis=1)
+        out = np.empty((len(ids), self.dimension), dtype=np.float32)
+        # Longest first, in chunks, each cut to its own longest row: padding costs little.
+        order = np.argsort(-lengths, kind="stable")
+        with torch.inference_mode():
+            for start in range(0, len(order), self.max_rows_per_forward):
+                rows = order[start : start + self.max_rows_per_forward]
+                width = max(int(lengths[rows].max()), 1)
+                chunk_ids = torch.from_numpy(ids[rows, :width]).to(self.device)
+                chunk_mask = torch.from_numpy(mask[rows, :width]).to(self.device)
+                hidden = self._model(input_ids=chunk_ids, attention_mask=chunk_mask)[0]
+                weights = chunk_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+                out[rows] = F.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+        return {"embedding": out, "num_tokens": lengths.astype(np.int64)}

@@ -1,0 +1,165 @@
+"""The one generic Serve deployment that wraps any plain model class (DESIGN contract 1).
+
+Each replica builds the class once, gathers concurrent calls with ``@serve.batch`` into one
+``dict[str, np.ndarray]`` batch, runs the class in a worker thread (never on the event loop) and
+hands
+each caller its rows back. Outputs travel as :class:`StageOutput`, which carries the model versions
+that
+produced them so the gateway can name every version in its answer.
+
+Live knobs come through ``user_config`` (:class:`StageUserConfig`) and apply without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from servecore.batching import Batch, concat_batches, num_rows, split_batch
+
+logger = logging.getLogger("ray.serve")
+
+
+class StageUserConfig(BaseModel):
+    """Live-tunable batching of one stage (``user_config`` in ``serve_config.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    """Most calls gathered into one batch."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
+    """Longest wait for a batch to fill once its first call arrived."""
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns: the new columns for the caller's rows, and who computed them."""
+
+    batch: Batch
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_class(import_path: str) -> type:
+    module_name, _, attr = import_path.partition(":")
+    if not attr:
+        raise ValueError(f"stage class {import_path!r} must look like 'package.module:Class'")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def granted_cpus() -> int | None:
+    """CPUs this Ray worker was granted, rounded to whole torch threads (at least one)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    # A stage granted no CPU (a light one, ``num_cpus: 0``) still gets one thread, not all cores.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    return max(1, math.floor(cpus + 0.5))
+
+
+def build_model(import_path: str, kwargs: dict[str, Any]) -> Any:
+    """Construct a stage class, giving torch as many threads as the worker has CPUs."""
+    cls = load_class(import_path)
+    kwargs = dict(kwargs)
+    if "num_threads" in inspect.signature(cls).parameters and "num_threads" not in kwargs:
+        kwargs["num_threads"] = granted_cpus()
+    return cls(**kwargs)
+
+
+def merge_inputs(inputs: tuple[StageOutput | Batch, ...]) -> StageOutput:
+    """Several upstream outputs (the ensemble's members) become one batch and one version set."""
+    batch: Batch = {}
+    models: dict[str, dict[str, Any]] = {}
+    for item in inputs:
+        if isinstance(item, StageOutput):
+            batch.update(item.batch)
+            models.update(item.models)
+        else:
+            batch.update(item)
+    return StageOutput(batch=batch, models=models)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Stage:
+    """Serve wrapper: ``Stage.options(name="Encoder").bind("deployments.encoder:Encoder", {...})``.
+
+    ``output_prefix`` renames output columns (``probs`` → ``linear.probs``) so several members can
+    feed
+    one ensemble; Ray Data's batch pipeline applies the same renaming.
+    """
+
+    def __init__(
+        self,
+        stage_class: str,
+        init_kwargs: dict[str, Any] | None = None,
+        output_prefix: str = "",
+    ) -> None:
+        self.stage_class = stage_class
+        self.output_prefix = output_prefix
+        self.name = serve.get_replica_context().deployment
+        started = time.perf_counter()
+        self.model = build_model(stage_class, init_kwargs or {})
+        ref = getattr(self.model, "model_ref", None)
+        self.model_info = None if ref is None else {"stage": self.name, **ref.to_dict()}
+        self.user_config = StageUserConfig()
+        self._recent_batches: collections.deque[tuple[int, int]] = collections.deque(maxlen=512)
+        logger.info(
+            "stage %s loaded %s in %.1fs (model %s)",
+            self.name,
+            stage_class,
+            time.perf_counter() - started,
+            self.model_info,
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.user_config = StageUserConfig.model_validate(config or {})
+        self._run_batch.set_max_batch_size(self.user_config.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.user_config.batch_wait_timeout_s)
+
+    async def __call__(self, *inputs: StageOutput | Batch) -> StageOutput:
+        merged = merge_inputs(inputs)
+        batch = await self._run_batch(merged.batch)
+        models = dict(merged.models)
+        if self.model_info is not None:
+            models[self.name] = self.model_info
+        return StageOutput(batch=batch, models=models)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _run_batch(self, batches: list[Batch]) -> list[Batch]:
+        sizes = [num_rows(b) for b in batches]
+        self._recent_batches.append((len(batches), sum(sizes)))
+        combined = concat_batches(batches)
+        output = await asyncio.to_thread(self.model, combined)
+        if self.output_prefix:
+            output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
+        return split_batch(output, sizes)
+
+    def describe(self) -> dict[str, Any]:
+        """What this replica serves: its stage class, model version and live batching knobs."""
+        return {
+            "stage": self.name,
+            "class": self.stage_class,
+            "model": self.model_info,
+            "batching": self.user_config.model_dump(),
+        }
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Calls and rows per recent batch (the last 512), to show that batching happens."""
+        calls = [c for c, _ in self._recent_batches]
+        rows = [r for _, r in self._recent_batches]
+        return {
+            "batches": len(calls),
+            "max_calls_per_batch": max(calls, default=0),
+            "max_rows_per_batch": max(rows, default=0),
+            "mean_calls_per_batch": sum(calls) / len(calls) if calls else 0.0,
+        }

@@ -1,0 +1,1 @@
+"""Application builders: a pipeline spec in, a bound Serve application out."""

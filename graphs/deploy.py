@@ -1,0 +1,80 @@
+"""Deploy a Serve config file from Python exactly as ``serve run CONFIG`` does (tests, benchmarks).
+
+``serve.run(build_app(...))`` would ignore the config's ``deployments`` section (resources,
+autoscaling,
+user_config); this path applies the whole file, so what is tested is what ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from servecore.config_check import load_config
+
+
+def start_serve(config: dict[str, Any], http_port: int | None = None) -> None:
+    """Start Serve on the connected Ray cluster with the config's HTTP options."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    http_options = schema.http_options.model_dump()
+    if http_port is not None:
+        http_options["port"] = http_port
+    serve_api.serve_start(
+        http_options=http_options,
+        proxy_location=schema.proxy_location,
+        global_logging_config=schema.logging_config,
+    )
+
+
+def deploy(config: dict[str, Any] | str | Path, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Deploy (or update in place) every application of a config and wait until all run.
+
+    Returns the config used. Raises with Serve's own message when a deployment fails.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    data = load_config(config) if isinstance(config, str | Path) else copy.deepcopy(config)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(data), _blocking=False)
+    wait_running([a["name"] for a in data["applications"]], timeout_s)
+    return data
+
+
+def wait_running(apps: list[str], timeout_s: float = 300.0) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        statuses = serve.status().applications
+        states = {name: statuses.get(name) for name in apps}
+        for name, state in states.items():
+            if state is not None and state.status == ApplicationStatus.DEPLOY_FAILED:
+                raise RuntimeError(f"application {name!r} failed to deploy: {state.message}")
+        if all(s is not None and s.status == ApplicationStatus.RUNNING for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"applications {apps} not running after {timeout_s}s: {serve.status()}")
+
+
+def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
+    """Poll ``/readyz`` until every stage answers."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}/readyz", timeout=15)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} not ready after {timeout_s}s: {last}")

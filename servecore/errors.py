@@ -1,0 +1,70 @@
+"""One error base with an HTTP status, rendered in one shape (DESIGN contract 7).
+
+``{"error": {"type": ..., "message": ..., "request_id": ...}}`` — internal details never leak:
+anything that is not a :class:`ServingError` is rendered as a generic 500 and logged.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error the platform shows to a caller."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if headers is not None:
+            self.headers = headers
+
+    def body(self, request_id: str | None) -> dict:
+        return {
+            "error": {"type": self.error_type, "message": self.message, "request_id": request_id}
+        }
+
+
+class InvalidJSON(ServingError):
+    status_code = 400
+    error_type = "invalid_json"
+
+
+class InvalidRequest(ServingError):
+    status_code = 422
+    error_type = "validation_error"
+
+
+class NotFound(ServingError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class ModelNotFound(ServingError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class NotReady(ServingError):
+    status_code = 503
+    error_type = "not_ready"
+
+
+class ModelUnavailable(ServingError):
+    """A stage of the pipeline failed; the caller may retry."""
+
+    status_code = 503
+    error_type = "model_unavailable"
+    headers = {"Retry-After": "1"}
+
+
+class RegistryError(ServingError):
+    """The MLflow registry could not resolve or load a model reference."""
+
+    status_code = 503
+    error_type = "registry_error"
+
+
+class ConfigError(Exception):
+    """A configuration file or pipeline spec is invalid (raised by the CLIs, never over HTTP)."""

@@ -1,0 +1,165 @@
+"""The MLflow model registry as every stage sees it: ``models:/name@alias`` → a local model folder.
+
+MLflow is imported lazily (it costs ~1.5 s and ~200 MB), so importing this module is cheap.
+Artifacts
+that already live on a local filesystem are read in place; remote ones are downloaded once per
+version into the settings' cache folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+from servecore.errors import RegistryError
+from servecore.settings import get_settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which registered model version a stage is running, and how it was asked for."""
+
+    name: str
+    version: str
+    uri: str
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["aliases"] = list(self.aliases)
+        return data
+
+    @classmethod
+    def local(cls, path: str | os.PathLike[str]) -> ModelRef:
+        """A reference for a model handed in as a folder (unit tests, local experiments)."""
+        path = Path(path)
+        return cls(name=path.name, version="local", uri=path.resolve().as_uri())
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/name@alias`` or ``models:/name/3`` into (name, alias, version)."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise RegistryError(
+            f"unsupported model URI {uri!r}: expected 'models:/<name>@<alias>' or "
+            "'models:/<name>/<version>'"
+        )
+    return match["name"], match["alias"], match["version"]
+
+
+def configure_mlflow() -> str:
+    """Point this process's MLflow client at the configured store and return its URI."""
+    import mlflow
+
+    uri = get_settings().tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def get_client() -> MlflowClient:
+    from mlflow import MlflowClient
+
+    uri = configure_mlflow()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
+    """Resolve an alias or version URI to the registered version it names right now."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(uri)
+    client = client or get_client()
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise RegistryError(f"cannot resolve {uri!r} in the registry: {e.message}") from e
+    return ModelRef(name=name, version=str(mv.version), uri=uri, aliases=tuple(mv.aliases or ()))
+
+
+def _local_path(location: str) -> Path | None:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "":
+        path = Path(location)
+    else:
+        return None
+    return path if path.is_dir() else None
+
+
+def fetch(uri: str, client: MlflowClient | None = None) -> tuple[ModelRef, Path]:
+    """Resolve ``uri`` and return the local folder of that MLflow model (with its MLmodel file)."""
+    import mlflow
+
+    client = client or get_client()
+    ref = resolve(uri, client)
+    location = client.get_model_version_download_uri(ref.name, ref.version)
+    if (path := _local_path(location)) is not None:
+        return ref, path
+
+    target = get_settings().cache_dir / ref.name / ref.version
+    if (target / "MLmodel").is_file():
+        return ref, target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{ref.name}/{ref.version}", dst_path=str(staging)
+        )
+        os.replace(staging, target)
+    except OSError:
+        # Another process finished the same download first; its copy is identical.
+        shutil.rmtree(staging, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RegistryError(f"cannot download {uri!r}: {e}") from e
+    return ref, target
+
+
+def pyfunc_artifact(model_dir: Path, key: str) -> Path:
+    """Path of artifact ``key`` in a pyfunc model folder logged with ``artifacts={key: ...}``."""
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    try:
+        relative = mlmodel["flavors"]["python_function"]["artifacts"][key]["path"]
+    except (KeyError, TypeError) as e:
+        raise RegistryError(f"model at {model_dir} has no artifact {key!r}") from e
+    return model_dir / relative
+
+
+def open_model(
+    model_uri: str | None, model_dir: str | os.PathLike[str] | None, artifact: str
+) -> tuple[ModelRef, Path]:
+    """What every stage constructor does: a registry URI, or a folder handed in directly.
+
+    ``model_dir`` may be the MLflow model folder (containing ``MLmodel``) or the artifact folder
+    itself.
+    """
+    if (model_uri is None) == (model_dir is None):
+        raise ValueError("give exactly one of model_uri or model_dir")
+    if model_uri is not None:
+        ref, folder = fetch(model_uri)
+        return ref, pyfunc_artifact(folder, artifact)
+    folder = Path(model_dir)  # type: ignore[arg-type]
+    if (folder / "MLmodel").is_file():
+        return ModelRef.local(folder), pyfunc_artifact(folder, artifact)
+    return ModelRef.local(folder), folder

@@ -1,0 +1,107 @@
+"""HTTP request and response bodies, with their bounds (the gateway's OpenAPI comes from these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+MAX_TEXTS_PER_REQUEST = 64
+MAX_TEXT_CHARS = 2000
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text must not be blank")
+    return text
+
+
+Text = Annotated[
+    StrictStr, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_not_blank)
+]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["I was charged twice for my order"]}]},
+    )
+
+    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)
+    """Customer messages to classify, 1 to 64, each 1 to 2000 characters."""
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class ModelVersion(BaseModel):
+    stage: str
+    """Deployment that ran this model."""
+    name: str
+    """Registered model name."""
+    version: str
+    uri: str
+    """The reference the stage was configured with (an alias or a fixed version)."""
+    aliases: list[str] = []
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    predictions: list[Prediction]
+    models: list[ModelVersion]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI-compatible embeddings request; unknown fields are ignored as OpenAI clients expect."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"input": ["where is my parcel?"], "model": "intent-encoder"}]
+        }
+    )
+
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: StrictStr | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingsUsage
+    models: list[ModelVersion]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelVersion]
+    ensemble_weights: dict[str, float]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    request_id: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -3,8 +3,7 @@
 Concurrent ``/v1/predict`` requests are gathered with ``@serve.batch`` into one graph call, so the
 downstream hops are paid per micro-batch instead of per request (on a 2-core machine each Serve hop
 costs milliseconds of CPU). Within a call every fan-out ``.remote()`` starts before anything is
-awaited,
-and responses flow from stage to stage without the gateway touching them.
+awaited, and responses flow from stage to stage without the gateway touching them.
 
 No ``from __future__ import annotations``: FastAPI must see real classes in the route signatures.
 """

@@ -2,10 +2,8 @@
 
 Each replica builds the class once, gathers concurrent calls with ``@serve.batch`` into one
 ``dict[str, np.ndarray]`` batch, runs the class in a worker thread (never on the event loop) and
-hands
-each caller its rows back. Outputs travel as :class:`StageOutput`, which carries the model versions
-that
-produced them so the gateway can name every version in its answer.
+hands each caller its rows back. Outputs travel as :class:`StageOutput`, which carries the model
+versions that produced them so the gateway can name every version in its answer.
 
 Live knobs come through ``user_config`` (:class:`StageUserConfig`) and apply without a restart.
 """
@@ -94,8 +92,7 @@ class Stage:
     """Serve wrapper: ``Stage.options(name="Encoder").bind("deployments.encoder:Encoder", {...})``.
 
     ``output_prefix`` renames output columns (``probs`` → ``linear.probs``) so several members can
-    feed
-    one ensemble; Ray Data's batch pipeline applies the same renaming.
+    feed one ensemble; Ray Data's batch pipeline applies the same renaming.
     """
 
     def __init__(
@@ -148,13 +145,16 @@ class Stage:
         """What this replica serves: its stage class, model version and live batching knobs."""
         return {
             "stage": self.name,
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "class": self.stage_class,
             "model": self.model_info,
             "batching": self.user_config.model_dump(),
         }
 
-    def batch_stats(self) -> dict[str, Any]:
-        """Calls and rows per recent batch (the last 512), to show that batching happens."""
+    def batch_stats(self, reset: bool = False) -> dict[str, Any]:
+        """Calls and rows per recent batch (the last 512) of this replica; ``reset`` clears them."""
+        if reset:
+            self._recent_batches.clear()
         calls = [c for c, _ in self._recent_batches]
         rows = [r for _, r in self._recent_batches]
         return {

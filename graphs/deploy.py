@@ -1,8 +1,7 @@
 """Deploy a Serve config file from Python exactly as ``serve run CONFIG`` does (tests, benchmarks).
 
 ``serve.run(build_app(...))`` would ignore the config's ``deployments`` section (resources,
-autoscaling,
-user_config); this path applies the whole file, so what is tested is what ships.
+autoscaling, user_config); this path applies the whole file, so what is tested is what ships.
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 bag-of-words model on the raw text in parallel.
 
 ``serve_config.yaml`` names ``graphs.intent:build_app`` with the pipeline spec as ``args``.
-Resources
-and live knobs of each deployment are set in the config's ``deployments`` section; the code defaults
-below are only what runs when a deployment is not listed there.
+Resources and live knobs of each deployment are set in the config's ``deployments`` section; the
+code defaults below are only what runs when a deployment is not listed there.
 
 No ``from __future__ import annotations`` here: Serve reads ``build_app``'s annotation at run time
-to
-validate ``args`` into the pydantic spec.
+to validate ``args`` into the pydantic spec.
 """
 
 from pydantic import BaseModel

@@ -1,8 +1,7 @@
 """Helpers for the one batch layout every stage speaks: ``dict[str, np.ndarray]``, rows on axis 0.
 
 Online, single requests are gathered into one such batch and split back afterwards; offline, Ray
-Data
-hands the same layout to the same classes.
+Data hands the same layout to the same classes.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     """Concatenate batches row-wise.
 
     Two-dimensional columns of different widths (token ids padded to each request's longest text)
-    are
-    right-padded with zeros to the widest, which is the pad id and the masked value for BERT
+    are right-padded with zeros to the widest, which is the pad id and the masked value for BERT
     tokenizers.
     """
     if len(batches) == 1:

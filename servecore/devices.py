@@ -9,8 +9,8 @@ def resolve_device(device: str) -> torch.device:
     """Map a spec's ``device`` to a torch device.
 
     ``auto`` falls back to the CPU when CUDA is absent — also when Ray grants a logical GPU that
-    torch
-    cannot see. An explicit ``cuda`` without CUDA is a configuration error, not a silent fallback.
+    torch cannot see. An explicit ``cuda`` without CUDA is a configuration error, not a silent
+    fallback.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,21 +1,19 @@
 """MLflow pyfunc wrappers of the shipped models, so each registered version is usable on its own.
 
 ``mlflow.pyfunc.load_model("models:/intent-head-mlp@champion").predict(embeddings)`` works anywhere
-this
-package is installed. ``predict`` carries no type hints on purpose: MLflow would try to derive a
-schema
-from them, while each model is logged with an explicit signature. The serving stages do not go
-through pyfunc: they read the same artifacts
-directly (see :func:`servecore.registry.open_model`). Imported only by the bootstrap and by MLflow.
+this package is installed. ``predict`` carries no type hints on purpose: MLflow would try to derive
+a schema from them, while each model is logged with an explicit signature. The serving stages do not
+go through pyfunc: they read the same artifacts directly (see
+:func:`servecore.registry.open_model`). Imported only by the bootstrap and by MLflow.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from servecore.batching import text_batch
 
@@ -26,7 +24,7 @@ def _texts(model_input: Any) -> list[str]:
     return [str(t) for t in np.asarray(model_input).reshape(-1)]
 
 
-class EncoderModel(mlflow.pyfunc.PythonModel):
+class EncoderModel(PythonModel):
     """texts (a ``text`` column) → L2-normalised MiniLM embeddings."""
 
     def load_context(self, context: Any) -> None:
@@ -41,7 +39,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
         return self.encoder(self.tokenizer(text_batch(_texts(model_input))))["embedding"]
 
 
-class HeadModel(mlflow.pyfunc.PythonModel):
+class HeadModel(PythonModel):
     """embeddings ``float32[n, 384]`` → label probabilities ``float32[n, 6]``."""
 
     def load_context(self, context: Any) -> None:
@@ -54,7 +52,7 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         return self.head({"embedding": embeddings})["probs"]
 
 
-class BagOfWordsModel(mlflow.pyfunc.PythonModel):
+class BagOfWordsModel(PythonModel):
     """texts (a ``text`` column) → label probabilities ``float32[n, 6]``."""
 
     def load_context(self, context: Any) -> None:

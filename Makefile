@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make serve` (the app) and `make test` (the suite).
+# Everything runs from the project's own virtual environment, created on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Ray turns token auth on for clusters it creates; this private single-user cluster on 127.0.0.1
+# turns it off so `serve status` and friends work from other shells (see README, Security).
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install bootstrap serve test test-fast lint bench bench-quick validate clean-registry
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The local CPU build first: the project's torch range then pulls no CUDA wheels.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+bootstrap: install
+	$(PY) -m servecore.bootstrap
+
+serve: bootstrap validate
+	$(VENV)/bin/serve run serve_config.yaml
+
+validate: install
+	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not serve and not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: bootstrap
+	$(PY) -m bench
+
+bench-quick: bootstrap
+	$(PY) -m bench --quick --output /tmp/intent-bench-quick
+
+clean-registry:
+	rm -rf mlflow.db mlartifacts .cache/models

@@ -1,0 +1,111 @@
+"""Strict config validation: shipped configs pass, typos Serve would ignore are caught."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from servecore.config_check import check_config, load_app_spec, load_config, main
+from servecore.errors import ConfigError
+from tests.conftest import ROOT
+
+SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_are_valid(name):
+    assert check_config(ROOT / name) == []
+
+
+def test_cli_reports_ok_and_fails_on_problems(tmp_path, capsys):
+    assert main([str(ROOT / n) for n in SHIPPED]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: [{name: x, import_path: graphs.intent:build_app, argz: {}}]\n")
+    assert main([str(bad)]) == 1
+    assert "argz: unknown key (did you mean 'args'?)" in capsys.readouterr().out
+
+
+def _variant(tmp_path, edit):
+    config = copy.deepcopy(load_config(ROOT / "serve_config.yaml"))
+    edit(config)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return check_config(path)
+
+
+def _deployment(config, name):
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+def test_misspelled_keys_at_every_level_are_named(tmp_path):
+    def edit(config):
+        config["http_options"]["prot"] = 1
+        encoder = _deployment(config, "Encoder")
+        encoder["num_replica"] = 1
+        encoder["ray_actor_options"]["num_gpu"] = 1
+        encoder["autoscaling_config"]["max_replica"] = 3
+
+    problems = _variant(tmp_path, edit)
+    assert "http_options.prot: unknown key (did you mean 'port'?)" in problems
+    where = "applications[intent].deployments[Encoder]"
+    assert f"{where}.num_replica: unknown key (did you mean 'num_replicas'?)" in problems
+    assert f"{where}.ray_actor_options.num_gpu: unknown key (did you mean 'num_gpus'?)" in problems
+    assert (
+        f"{where}.autoscaling_config.max_replica: unknown key (did you mean 'max_replicas'?)"
+        in problems
+    )
+
+
+def test_args_are_validated_against_the_pipeline_spec(tmp_path):
+    def typo(config):
+        config["applications"][0]["args"]["encoder"]["devise"] = "cpu"
+
+    def weights(config):
+        config["applications"][0]["args"]["ensemble"]["weights"] = {"linear": 1.0}
+
+    assert _variant(tmp_path, typo) == [
+        "applications[intent].args.encoder.devise: Extra inputs are not permitted"
+    ]
+    assert _variant(tmp_path, weights) == [
+        "applications[intent].args: Value error, ensemble.weights must name exactly the members "
+        "['bow', 'linear', 'mlp'], got ['linear']"
+    ]
+
+
+def test_deployment_rules(tmp_path):
+    def edit(config):
+        encoder = _deployment(config, "Encoder")
+        encoder["max_ongoing_requests"] = 4
+        encoder["user_config"]["max_batch_sizee"] = 8
+        del _deployment(config, "Tokenizer")["ray_actor_options"]["num_gpus"]
+        config["applications"][0]["deployments"].append(
+            {"name": "Encodr", "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+        )
+
+    problems = _variant(tmp_path, edit)
+    app = "applications[intent].deployments"
+    assert f"{app}[Encoder].user_config.max_batch_sizee: Extra inputs are not permitted" in problems
+    assert f"{app}[Tokenizer].ray_actor_options: missing num_gpus (state it explicitly)" in problems
+    assert any(p.startswith(f"{app}[Encodr]: no such deployment") for p in problems)
+    assert (
+        f"{app}[Encoder].max_ongoing_requests: 4 is below max_batch_size x "
+        "max_concurrent_batches = 8; batches could never fill"
+    ) in problems
+
+
+def test_load_app_spec_returns_the_pipeline_spec():
+    spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
+    plans = spec.stage_plans()
+    assert [p.deployment for p in plans] == [
+        "Tokenizer",
+        "Encoder",
+        "LinearHead",
+        "MLPHead",
+        "BagOfWords",
+        "Ensemble",
+    ]
+    assert [p.output_prefix for p in plans[2:5]] == ["linear.", "mlp.", "bow."]
+    with pytest.raises(ConfigError, match="no application named 'nope'"):
+        load_app_spec(ROOT / "serve_config.yaml", "nope")

@@ -1,0 +1,77 @@
+"""The bootstrap and the registry client, against a real (temporary, sqlite) MLflow store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from servecore import LABELS, bootstrap
+from servecore.registry import fetch, get_client, parse_model_uri, resolve
+
+MEMBERS = ("linear", "mlp", "bow")
+
+
+def test_every_shipped_model_is_registered_with_signature_and_metrics(registry):
+    import mlflow
+
+    client = get_client()
+    for name in bootstrap.SHIPPED:
+        version = client.get_model_version_by_alias(name, "champion")
+        assert str(version.version) == "1"
+        info = mlflow.models.get_model_info(f"models:/{name}@champion")
+        assert info.signature is not None and info.signature.inputs is not None
+        if name != bootstrap.ENCODER:
+            metrics = client.get_run(version.run_id).data.metrics
+            assert set(metrics) >= {"test_accuracy", "test_macro_f1"}
+
+
+def test_the_ensemble_is_at_least_as_good_as_its_best_member(registry):
+    results = registry.results
+    assert set(results) == {*MEMBERS, "ensemble"}
+    best = max(results[m]["test_macro_f1"] for m in MEMBERS)
+    assert results["ensemble"]["test_macro_f1"] >= best
+    assert results["ensemble"]["test_accuracy"] > 0.85
+
+
+def test_a_second_bootstrap_changes_nothing(registry, capsys):
+    client = get_client()
+    experiment = client.get_experiment_by_name("intent-serving")
+    runs_before = len(client.search_runs([experiment.experiment_id]))
+    assert bootstrap.main([]) == 0
+    out = capsys.readouterr().out
+    for name in bootstrap.SHIPPED:
+        assert f"{name}@champion: already registered" in out
+        assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert len(client.search_runs([experiment.experiment_id])) == runs_before
+    assert "| ensemble |" in out and "| bow |" in out
+
+
+def test_registered_models_work_as_plain_pyfuncs(registry):
+    import mlflow
+
+    head = mlflow.pyfunc.load_model("models:/intent-head-linear@champion")
+    probs = head.predict(np.zeros((2, 384), dtype=np.float32))
+    assert probs.shape == (2, len(LABELS))
+    bow = mlflow.pyfunc.load_model("models:/intent-bow@champion")
+    probs = bow.predict(pd.DataFrame({"text": ["I was charged twice", "reset my password"]}))
+    assert [LABELS[i] for i in probs.argmax(axis=1)] == ["billing", "account_access"]
+
+
+def test_resolve_and_fetch(registry):
+    ref = resolve("models:/intent-bow@champion")
+    assert (ref.name, ref.version, ref.aliases) == ("intent-bow", "1", ("champion",))
+    assert resolve("models:/intent-bow/1").version == "1"
+    ref, folder = fetch("models:/intent-bow@champion")
+    assert (folder / "MLmodel").is_file()
+
+
+def test_bad_references_fail_clearly(registry):
+    from servecore.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="unsupported model URI 'runs:/abc/model'"):
+        parse_model_uri("runs:/abc/model")
+    with pytest.raises(RegistryError, match="cannot resolve 'models:/intent-bow@nope'"):
+        resolve("models:/intent-bow@nope")
+    with pytest.raises(RegistryError, match="cannot resolve 'models:/missing@champion'"):
+        resolve("models:/missing@champion")

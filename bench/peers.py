@@ -123,7 +123,7 @@ class MicroBatcher:
                     item = self._queue.get_nowait()
                 else:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+            except (TimeoutError, asyncio.QueueEmpty):
                 break
             pending.append(item)
             count += len(item[0])

@@ -1,9 +1,10 @@
 """The gateway: the FastAPI ingress deployment in front of the pipeline graph.
 
-Concurrent ``/v1/predict`` requests are gathered with ``@serve.batch`` into one graph call, so the
-downstream hops are paid per micro-batch instead of per request (on a 2-core machine each Serve hop
-costs milliseconds of CPU). Within a call every fan-out ``.remote()`` starts before anything is
-awaited, and responses flow from stage to stage without the gateway touching them.
+Concurrent ``/v1/predict`` requests are coalesced into one graph call (see
+:mod:`servecore.coalescer` for why not ``@serve.batch`` here), so the downstream hops are paid per
+micro-batch instead of per request: on a 2-core machine each Serve hop costs milliseconds of CPU.
+Within a call every fan-out ``.remote()`` starts before anything is awaited, and responses flow from
+stage to stage without the gateway touching them.
 
 No ``from __future__ import annotations``: FastAPI must see real classes in the route signatures.
 """
@@ -14,7 +15,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayError
@@ -24,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.stage import StageOutput
 from servecore import LABELS
 from servecore.batching import split_batch, text_batch
+from servecore.coalescer import Coalescer
 from servecore.errors import InvalidRequest, ModelNotFound, ModelUnavailable, NotReady
 from servecore.http_errors import install_error_handlers, request_id
 from servecore.schemas import (
@@ -62,10 +64,17 @@ class GatewayUserConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(default=32, ge=1, le=256)
-    """Most ``/v1/predict`` requests merged into one graph call."""
+    max_batch_size: int = Field(default=64, ge=1, le=1024)
+    """Most texts merged into one graph call (a larger single request still runs, alone)."""
+    max_concurrent_batches: int = Field(default=MAX_CONCURRENT_BATCHES, ge=1, le=64)
+    """Graph calls in flight at once; more requests wait and join the next call."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Wait for more requests once one arrived; 0 takes whatever is already queued."""
+    """Extra wait for a call to fill once a slot is free; 0 sends whatever is queued."""
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    """Serialise once; returning the model would make FastAPI validate it again."""
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 def _versions(models: dict[str, dict[str, Any]]) -> list[ModelVersion]:
@@ -85,11 +94,19 @@ class Gateway:
             (m.name, stages[m.deployment]) for m in self.spec.members if m.input == "text"
         ]
         self.encoder_name = self.spec.encoder_name()
+        knobs = GatewayUserConfig()
+        self.coalescer: Coalescer[list[str], StageOutput] = Coalescer(
+            self._predict_batch,
+            max_batch_size=knobs.max_batch_size,
+            max_concurrent=knobs.max_concurrent_batches,
+            size_of=len,
+        )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         knobs = GatewayUserConfig.model_validate(config or {})
-        self._predict_batch.set_max_batch_size(knobs.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+        self.coalescer.configure(
+            knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
+        )
 
     def _classify(self, texts: list[str]) -> Any:
         """Start the whole graph for ``texts``; returns the ensemble's unawaited response."""
@@ -100,19 +117,16 @@ class Gateway:
         members += [handle.remote(batch) for _, handle in self.text_models]
         return self.stages["Ensemble"].remote(*members)
 
-    @serve.batch(
-        max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES
-    )
     async def _predict_batch(self, requests: list[list[str]]) -> list[StageOutput]:
         sizes = [len(texts) for texts in requests]
         output: StageOutput = await self._classify([t for texts in requests for t in texts])
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
+    async def predict(self, body: PredictRequest, request: Request) -> Response:
         """Classify 1–64 texts; every answer names the model versions that produced it."""
         try:
-            output = await self._predict_batch(body.texts)
+            output = await self.coalescer.submit(body.texts)
         except (RayError, BackPressureError) as e:
             raise ModelUnavailable("the model pipeline is unavailable; retry shortly") from e
         probs = output.batch["probs"]
@@ -122,12 +136,16 @@ class Gateway:
             )
             for label, row in zip(output.batch["label"], probs, strict=True)
         ]
-        return PredictResponse(
-            request_id=request_id(request), predictions=predictions, models=_versions(output.models)
+        return _json(
+            PredictResponse(
+                request_id=request_id(request),
+                predictions=predictions,
+                models=_versions(output.models),
+            )
         )
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
-    async def embeddings(self, body: EmbeddingsRequest) -> EmbeddingsResponse:
+    async def embeddings(self, body: EmbeddingsRequest) -> Response:
         """OpenAI-compatible sentence embeddings from the pipeline's encoder (384 dimensions)."""
         if body.model not in (None, self.encoder_name, self.spec.encoder.model_uri):
             raise ModelNotFound(
@@ -151,11 +169,13 @@ class Gateway:
         else:
             encoded = vectors.tolist()
         tokens_used = int(output.batch["num_tokens"].sum())
-        return EmbeddingsResponse(
-            data=[EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)],
-            model=self.encoder_name,
-            usage=EmbeddingsUsage(prompt_tokens=tokens_used, total_tokens=tokens_used),
-            models=_versions(output.models),
+        return _json(
+            EmbeddingsResponse(
+                data=[EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)],
+                model=self.encoder_name,
+                usage=EmbeddingsUsage(prompt_tokens=tokens_used, total_tokens=tokens_used),
+                models=_versions(output.models),
+            )
         )
 
     async def _describe_all(self) -> list[dict[str, Any]]:

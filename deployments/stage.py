@@ -162,4 +162,5 @@ class Stage:
             "max_calls_per_batch": max(calls, default=0),
             "max_rows_per_batch": max(rows, default=0),
             "mean_calls_per_batch": sum(calls) / len(calls) if calls else 0.0,
+            "mean_rows_per_batch": sum(rows) / len(rows) if rows else 0.0,
         }

@@ -12,7 +12,7 @@ to validate ``args`` into the pydantic spec.
 from pydantic import BaseModel
 from ray.serve import Application
 
-from deployments.gateway import MAX_CONCURRENT_BATCHES, Gateway, GatewayUserConfig
+from deployments.gateway import Gateway, GatewayUserConfig
 from deployments.stage import Stage, StageUserConfig
 from servecore.spec import PipelineSpec
 
@@ -32,5 +32,5 @@ def build_app(args: PipelineSpec) -> Application:
 def user_config_schema(deployment: str) -> tuple[type[BaseModel], int]:
     """Live-knob model of a deployment and its ``max_concurrent_batches`` (for config checks)."""
     if deployment == "Gateway":
-        return GatewayUserConfig, MAX_CONCURRENT_BATCHES
+        return GatewayUserConfig, 1  # its max_batch_size counts texts, a bound on requests too
     return StageUserConfig, 1

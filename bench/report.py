@@ -163,6 +163,10 @@ def render(report: Mapping[str, Any]) -> str:
         "",
         markdown_ratios(report["ratios"]),
     ]
+    cpu = report["results"].get("served_c32", {}).get("detail", {}).get("encoder", {})
+    cpu = cpu.get("cpu_ms_per_request") if isinstance(cpu, dict) else None
+    if cpu:
+        parts += ["", markdown_cpu(cpu)]
     notes = run_notes(report)
     if notes:
         parts += ["", *(f"- {note}" for note in notes)]
@@ -170,6 +174,19 @@ def render(report: Mapping[str, Any]) -> str:
         parts += ["", "**Sections that failed:**", ""]
         parts += [f"- {f['section']}: {f['error']}" for f in report["failures"]]
     return "\n".join(parts) + "\n"
+
+
+def markdown_cpu(cpu_ms: Mapping[str, float]) -> str:
+    """Where the machine's CPU went during served (b) at c=32, per answered request."""
+    lines = [
+        "Where the CPU goes, served (b) c=32 (ms of CPU per request, all processes):",
+        "",
+        "| process | ms/request |",
+        "|---|---:|",
+    ]
+    lines += [f"| {group} | {ms:.1f} |" for group, ms in cpu_ms.items()]
+    lines.append(f"| **total** | **{sum(cpu_ms.values()):.1f}** |")
+    return "\n".join(lines)
 
 
 def run_notes(report: Mapping[str, Any]) -> list[str]:

@@ -64,7 +64,7 @@ class Plan:
             batch_seconds=20.0,
             single_requests=2000,
             single_seconds=15.0,
-            first_warmup_s=10.0,
+            first_warmup_s=20.0,
             warmup_s=5.0,
             max_settle_s=90.0,  # a replica loads in ~25 s on 2 busy cores
         )

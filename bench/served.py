@@ -123,10 +123,52 @@ def warm_settle_measure(
         replicas = encoder_replicas()
     if not _settled(replicas):
         logger.warning("%s: encoder still not settled, measuring anyway: %s", label, replicas)
+    before_cpu = cpu_seconds_by_process()
     result = measure(graph.predict_url, spec, texts, label)
+    cpu = cpu_breakdown(before_cpu, cpu_seconds_by_process(), max(result.ok, 1))
     after = encoder_replicas()
     if after != replicas:
         logger.warning(
             "%s: encoder replicas changed while measuring: %s → %s", label, replicas, after
         )
-    return result, {"before": replicas, "after": after}
+    return result, {"before": replicas, "after": after, "cpu_ms_per_request": cpu}
+
+
+def _process_group(cmdline: str) -> str:
+    """Name a process by its role in the served path."""
+    if cmdline.startswith("ray::ServeReplica:"):
+        return cmdline.split(":")[-1].split()[0]  # the deployment: Gateway, Encoder, ...
+    if cmdline.startswith("ray::ProxyActor"):
+        return "Serve proxy"
+    if cmdline.startswith("ray::ServeController"):
+        return "Serve controller"
+    return "Ray control plane and other"
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """User+system CPU seconds of every process on the machine, with its role."""
+    import psutil
+
+    snapshot: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            times = process.cpu_times()
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        group = "load generator" if process.info["pid"] == os.getpid() else _process_group(cmdline)
+        snapshot[process.info["pid"]] = (group, times.user + times.system)
+    return snapshot
+
+
+def cpu_breakdown(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], requests: int
+) -> dict[str, float]:
+    """Milliseconds of CPU per request spent by each role during a measurement."""
+    totals: dict[str, float] = {}
+    for pid, (group, seconds) in after.items():
+        spent = seconds - before.get(pid, (group, 0.0))[1]
+        if spent > 0:
+            totals[group] = totals.get(group, 0.0) + spent
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {group: 1000.0 * seconds / requests for group, seconds in ranked}

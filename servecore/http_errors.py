@@ -44,7 +44,9 @@ def describe_validation(error: RequestValidationError) -> ServingError:
         return InvalidJSON("request body is not valid JSON")
     parts = []
     for d in details:
-        loc = [str(p) for p in d.get("loc", ()) if p != "body"]
+        # Union members show up in the location as validator tags ("function-after[...]",
+        # "list[...]"): they mean nothing to a caller.
+        loc = [str(p) for p in d.get("loc", ()) if p != "body" and "[" not in str(p)]
         parts.append(f"{'.'.join(loc) or 'body'}: {d.get('msg')}")
     return InvalidRequest("; ".join(parts))
 

@@ -140,8 +140,8 @@ def test_bad_predict_input_gets_an_exact_4xx(client, body, status, message):
          "validation_error",
          "dimensions: this encoder only produces 384-dimensional embeddings"),
         ("POST", "/v1/embeddings", {"json": {"input": []}}, 422, "validation_error",
-         "input.str: Input should be a valid string; input.list[str]: List should have at "
-         "least 1 item after validation, not 0"),
+         "input: Input should be a valid string; input: List should have at least 1 item "
+         "after validation, not 0"),
         ("GET", "/v1/nowhere", {}, 404, "not_found", "Not Found"),
         ("GET", "/v1/predict", {}, 405, "method_not_allowed", "Method Not Allowed"),
     ],

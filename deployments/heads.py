@@ -36,7 +36,8 @@ class ClassifierHead:
         self._net = net.to(self.device).eval()
 
     def __call__(self, batch: Batch) -> Batch:
-        embeddings = torch.from_numpy(np.ascontiguousarray(batch["embedding"], dtype=np.float32))
+        # A copy: arrays that Ray deserialised are read-only, which torch warns about.
+        embeddings = torch.from_numpy(np.array(batch["embedding"], dtype=np.float32))
         with torch.inference_mode():
             probs = torch.softmax(self._net(embeddings.to(self.device)), dim=-1)
         return {"probs": probs.cpu().numpy()}

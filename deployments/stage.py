@@ -16,6 +16,7 @@ import importlib
 import inspect
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,12 @@ def build_model(import_path: str, kwargs: dict[str, Any]) -> Any:
     if "num_threads" in inspect.signature(cls).parameters and "num_threads" not in kwargs:
         kwargs["num_threads"] = granted_cpus()
     return cls(**kwargs)
+
+
+def _torch_threads() -> int | None:
+    """Torch's intra-op threads in this process, if the stage uses torch at all."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else int(torch.get_num_threads())
 
 
 def merge_inputs(inputs: tuple[StageOutput | Batch, ...]) -> StageOutput:
@@ -149,6 +156,7 @@ class Stage:
             "class": self.stage_class,
             "model": self.model_info,
             "batching": self.user_config.model_dump(),
+            "torch_threads": _torch_threads(),
         }
 
     def batch_stats(self, reset: bool = False) -> dict[str, Any]:

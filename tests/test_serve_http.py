@@ -85,6 +85,18 @@ def test_embeddings_follow_the_openai_shape(client, minilm):
     np.testing.assert_allclose(decoded, vectors[0], atol=1e-6)
 
 
+def test_torch_threads_match_the_granted_cpus(intent_app):
+    from ray import serve
+
+    from servecore.config_check import load_config
+
+    deployments = load_config(ROOT / "serve_config.yaml")["applications"][0]["deployments"]
+    cpus = {d["name"]: d["ray_actor_options"]["num_cpus"] for d in deployments}
+    for name in ("Encoder", "LinearHead", "BagOfWords"):
+        described = serve.get_deployment_handle(name, "intent").describe.remote().result()
+        assert described["torch_threads"] == max(1, round(cpus[name])), (name, described)
+
+
 def test_models_health_and_docs(client):
     models = client.get("/v1/models").json()
     assert [m["stage"] for m in models["models"]] == STAGES

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from deployments.stage import StageOutput
@@ -44,6 +44,10 @@ from servecore.schemas import (
 from servecore.spec import PipelineSpec
 
 logger = logging.getLogger("ray.serve")
+
+# A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
+# retry: 503. RayServeException covers BackPressureError and DeploymentUnavailableError.
+STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
 
 MAX_CONCURRENT_BATCHES = 4
 READY_TIMEOUT_S = 10.0
@@ -70,6 +74,8 @@ class GatewayUserConfig(BaseModel):
     """Graph calls in flight at once; more requests wait and join the next call."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
     """Extra wait for a call to fill once a slot is free; 0 sends whatever is queued."""
+    graph_timeout_s: float = Field(default=20.0, gt=0.0, le=300.0)
+    """Deadline of one graph call; past it the callers get a 503 and the slot is freed."""
 
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
@@ -95,6 +101,7 @@ class Gateway:
         ]
         self.encoder_name = self.spec.encoder_name()
         knobs = GatewayUserConfig()
+        self.graph_timeout_s = knobs.graph_timeout_s
         self.coalescer: Coalescer[list[str], StageOutput] = Coalescer(
             self._predict_batch,
             max_batch_size=knobs.max_batch_size,
@@ -102,8 +109,10 @@ class Gateway:
             size_of=len,
         )
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        # async: it touches the coalescer's asyncio state, which belongs to the replica's loop.
         knobs = GatewayUserConfig.model_validate(config or {})
+        self.graph_timeout_s = knobs.graph_timeout_s
         self.coalescer.configure(
             knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
         )
@@ -119,7 +128,9 @@ class Gateway:
 
     async def _predict_batch(self, requests: list[list[str]]) -> list[StageOutput]:
         sizes = [len(texts) for texts in requests]
-        output: StageOutput = await self._classify([t for texts in requests for t in texts])
+        output: StageOutput = await asyncio.wait_for(
+            self._classify([t for texts in requests for t in texts]), self.graph_timeout_s
+        )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
@@ -127,7 +138,7 @@ class Gateway:
         """Classify 1–64 texts; every answer names the model versions that produced it."""
         try:
             output = await self.coalescer.submit(body.texts)
-        except (RayError, BackPressureError) as e:
+        except STAGE_ERRORS as e:
             raise ModelUnavailable("the model pipeline is unavailable; retry shortly") from e
         probs = output.batch["probs"]
         predictions = [
@@ -158,8 +169,10 @@ class Gateway:
         texts = [body.input] if isinstance(body.input, str) else body.input
         try:
             tokens = self.stages["Tokenizer"].remote(text_batch(texts))
-            output: StageOutput = await self.stages["Encoder"].remote(tokens)
-        except (RayError, BackPressureError) as e:
+            output: StageOutput = await asyncio.wait_for(
+                self.stages["Encoder"].remote(tokens), self.graph_timeout_s
+            )
+        except STAGE_ERRORS as e:
             raise ModelUnavailable("the encoder is unavailable; retry shortly") from e
         vectors: np.ndarray = output.batch["embedding"]
         if body.encoding_format == "base64":
@@ -187,7 +200,7 @@ class Gateway:
         """The registered model behind every stage: name, version and aliases."""
         try:
             described = await self._describe_all()
-        except (RayError, BackPressureError, TimeoutError) as e:
+        except STAGE_ERRORS as e:
             raise ModelUnavailable("could not reach every stage; retry shortly") from e
         return ModelsResponse(
             models=[ModelVersion(**d["model"]) for d in described if d["model"]],
@@ -204,6 +217,6 @@ class Gateway:
         """Readiness: every stage replica has loaded its model and answers."""
         try:
             await self._describe_all()
-        except (RayError, BackPressureError, TimeoutError) as e:
+        except STAGE_ERRORS as e:
             raise NotReady("not every stage is ready") from e
         return Health(status="ready")

@@ -125,7 +125,9 @@ class Stage:
             self.model_info,
         )
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    # reconfigure/describe/batch_stats are async so they run on the replica's event loop, like
+    # the batches whose state they read or change (Serve runs sync methods in a thread pool).
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         self.user_config = StageUserConfig.model_validate(config or {})
         self._run_batch.set_max_batch_size(self.user_config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.user_config.batch_wait_timeout_s)
@@ -148,7 +150,7 @@ class Stage:
             output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
         return split_batch(output, sizes)
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """What this replica serves: its stage class, model version and live batching knobs."""
         return {
             "stage": self.name,
@@ -159,7 +161,7 @@ class Stage:
             "torch_threads": _torch_threads(),
         }
 
-    def batch_stats(self, reset: bool = False) -> dict[str, Any]:
+    async def batch_stats(self, reset: bool = False) -> dict[str, Any]:
         """Calls and rows per recent batch (the last 512) of this replica; ``reset`` clears them."""
         if reset:
             self._recent_batches.clear()

@@ -20,17 +20,14 @@ from servecore.spec import PipelineSpec
 def build_app(args: PipelineSpec) -> Application:
     stages = {}
     for plan in args.stage_plans():
-        options: dict = {"name": plan.deployment}
-        if plan.deployment != "Encoder":
-            options["ray_actor_options"] = {"num_cpus": 0.1, "num_gpus": 0}
-        stages[plan.deployment] = Stage.options(**options).bind(
-            plan.stage_class, plan.init_kwargs, plan.output_prefix
-        )
-    return Gateway.options(name="Gateway").bind(args.model_dump(), stages)
+        cpus = 1 if plan.deployment == "Encoder" else 0  # the same placement as serve_config.yaml
+        stages[plan.deployment] = Stage.options(
+            name=plan.deployment, ray_actor_options={"num_cpus": cpus, "num_gpus": 0}
+        ).bind(plan.stage_class, plan.init_kwargs, plan.output_prefix)
+    gateway = Gateway.options(name="Gateway", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
+    return gateway.bind(args.model_dump(), stages)
 
 
-def user_config_schema(deployment: str) -> tuple[type[BaseModel], int]:
-    """Live-knob model of a deployment and its ``max_concurrent_batches`` (for config checks)."""
-    if deployment == "Gateway":
-        return GatewayUserConfig, 1  # its max_batch_size counts texts, a bound on requests too
-    return StageUserConfig, 1
+def user_config_schema(deployment: str) -> type[BaseModel]:
+    """Live-knob model of a deployment (for ``servecore.config_check``)."""
+    return GatewayUserConfig if deployment == "Gateway" else StageUserConfig

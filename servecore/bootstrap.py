@@ -39,7 +39,7 @@ from servecore.batching import text_batch
 from servecore.dataset import load_split
 from servecore.evaluation import accuracy, macro_f1
 from servecore.registry import get_client
-from servecore.settings import get_settings
+from servecore.settings import get_settings, project_root
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ HEAD_MLP = "intent-head-mlp"
 BAG_OF_WORDS = "intent-bow"
 SHIPPED = (ENCODER, HEAD_LINEAR, HEAD_MLP, BAG_OF_WORDS)
 SEED = 13
-PIP_REQUIREMENTS = ["intent-serving", "torch>=2.5,<2.14", "transformers>=5,<6", "safetensors"]
+# The pyfunc wrappers live in this project, which must be importable where a model is loaded; it is
+# not on PyPI, so only its public dependencies are listed.
+PIP_REQUIREMENTS = ["torch>=2.5,<2.14", "transformers>=5,<6", "safetensors", "numpy", "pandas"]
 
 
 @dataclass
@@ -364,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m servecore.bootstrap",
         description="Train and register the shipped models the registry lacks (idempotent).",
     )
-    home = get_settings().home
-    parser.add_argument("--config", type=Path, default=home / "serve_config.yaml")
+    parser.add_argument("--config", type=Path, default=project_root() / "serve_config.yaml")
     parser.add_argument("--app", default="intent", help="application whose ensemble to evaluate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -70,7 +71,10 @@ class Coalescer(Generic[Item, Result]):
         self._queue.append(_Pending(item, self._size_of(item), future))
         self._arrived.set()
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._dispatch())
+            # A fresh context: the dispatcher (and every batch it starts) must not inherit the
+            # first caller's context — under Serve that holds its request id, and cancelling that
+            # request would cancel other callers' work.
+            self._loop_task = asyncio.create_task(self._dispatch(), context=contextvars.Context())
         return await future
 
     def _queued_rows(self) -> int:
@@ -125,6 +129,10 @@ class Coalescer(Generic[Item, Result]):
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
+        except asyncio.CancelledError:
+            for pending in batch:
+                pending.future.cancel()
+            raise
         except Exception as e:  # every caller of the batch sees the failure
             for pending in batch:
                 if not pending.future.done():

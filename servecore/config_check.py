@@ -151,7 +151,7 @@ def _check_deployment(
     schema_of = getattr(builder_module, "user_config_schema", None)
     if schema_of is None:
         return problems
-    schema, concurrent_batches = schema_of(name)
+    schema = schema_of(name)
     user_config = deployment.get("user_config")
     if user_config is not None:
         try:
@@ -162,13 +162,13 @@ def _check_deployment(
     if isinstance(user_config, dict):
         batch_size = user_config.get("max_batch_size", batch_size)
     ongoing = deployment.get("max_ongoing_requests")
-    if isinstance(batch_size, int) and isinstance(ongoing, int):
-        needed = batch_size * concurrent_batches
-        if ongoing < needed:
-            problems.append(
-                f"{where}.max_ongoing_requests: {ongoing} is below max_batch_size x "
-                f"max_concurrent_batches = {needed}; batches could never fill"
-            )
+    # Stages run one @serve.batch at a time; the gateway's batch size counts texts, which bounds
+    # its requests per batch too. Either way a replica must accept a full batch of calls.
+    if isinstance(batch_size, int) and isinstance(ongoing, int) and ongoing < batch_size:
+        problems.append(
+            f"{where}.max_ongoing_requests: {ongoing} is below max_batch_size = {batch_size}; "
+            "batches could never fill"
+        )
     return problems
 
 

@@ -6,11 +6,11 @@ import csv
 from pathlib import Path
 from typing import Literal
 
-from servecore.settings import get_settings
+from servecore.settings import project_root
 
 
 def dataset_path() -> Path:
-    return get_settings().home / "data" / "intents.csv"
+    return project_root() / "data" / "intents.csv"
 
 
 def load_split(

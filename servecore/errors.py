@@ -36,11 +36,6 @@ class InvalidRequest(ServingError):
     error_type = "validation_error"
 
 
-class NotFound(ServingError):
-    status_code = 404
-    error_type = "not_found"
-
-
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "model_not_found"

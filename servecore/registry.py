@@ -125,13 +125,16 @@ def fetch(uri: str, client: MlflowClient | None = None) -> tuple[ModelRef, Path]
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{ref.name}/{ref.version}", dst_path=str(staging)
         )
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RegistryError(f"cannot download {uri!r}: {e}") from e
+    try:
         os.replace(staging, target)
     except OSError:
         # Another process finished the same download first; its copy is identical.
         shutil.rmtree(staging, ignore_errors=True)
-    except Exception as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RegistryError(f"cannot download {uri!r}: {e}") from e
+    if not (target / "MLmodel").is_file():
+        raise RegistryError(f"download of {uri!r} left no MLmodel in {target}")
     return ref, target
 
 

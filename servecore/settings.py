@@ -14,8 +14,8 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _default_home() -> Path:
-    """The project folder when running from a checkout, else the working directory."""
+def project_root() -> Path:
+    """The checkout holding the shipped data and configs, else the working directory."""
     checkout = Path(__file__).resolve().parents[1]
     if (checkout / "pyproject.toml").is_file():
         return checkout
@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INTENT_SERVING_", extra="ignore")
 
-    home: Path = Field(default_factory=_default_home)
+    home: Path = Field(default_factory=project_root)
     """Folder holding the embedded registry (``mlflow.db``, ``mlartifacts/``) and caches."""
 
     mlflow_tracking_uri: str | None = Field(

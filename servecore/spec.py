@@ -57,6 +57,10 @@ class MemberSpec(_Strict):
     @model_validator(mode="after")
     def _uri(self) -> MemberSpec:
         _check_uri(self.model_uri)
+        if self.input == "text" and self.device != "auto":
+            raise ValueError(
+                f"member {self.name!r}: device applies to embedding members only; leave it unset"
+            )
         return self
 
 
@@ -74,8 +78,6 @@ class StagePlan:
     init_kwargs: dict[str, Any]
     input: Literal["text", "tokens", "embedding", "members"]
     output_prefix: str = ""
-    model_uri: str | None = None
-    uses_device: bool = False
     members: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -126,7 +128,6 @@ class PipelineSpec(_Strict):
                     "max_length": self.tokenizer.max_length,
                 },
                 input="text",
-                model_uri=self.tokenizer.model_uri,
             ),
             StagePlan(
                 deployment="Encoder",
@@ -137,8 +138,6 @@ class PipelineSpec(_Strict):
                     "max_rows_per_forward": self.encoder.max_rows_per_forward,
                 },
                 input="tokens",
-                model_uri=self.encoder.model_uri,
-                uses_device=True,
             ),
         ]
         for member in self.members:
@@ -155,8 +154,6 @@ class PipelineSpec(_Strict):
                     init_kwargs=kwargs,
                     input=member.input,
                     output_prefix=f"{member.name}.",
-                    model_uri=member.model_uri,
-                    uses_device=member.input == "embedding",
                 )
             )
         plans.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -109,6 +110,37 @@ async def test_concurrency_and_sizes_change_live():
     assert (await first, await second) == ("FIRST", "SECOND")
     with pytest.raises(ValueError):
         coalescer.configure(max_batch_size=0, max_concurrent=1, max_wait_s=0.0)
+
+
+async def test_cancelling_a_running_batch_cancels_its_callers():
+    recorder = Recorder()
+    coalescer = Coalescer(recorder, max_batch_size=8, max_concurrent=1)
+    first = await _hold_first_batch(recorder, coalescer)
+    for task in list(coalescer._tasks):
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    recorder.release.set()
+    assert await coalescer.submit("after") == "AFTER"  # the slot was given back
+
+
+async def test_batches_do_not_run_in_the_first_callers_context():
+    caller = contextvars.ContextVar("caller", default="none")
+    seen = []
+
+    async def process(items):
+        seen.append(caller.get())
+        return items
+
+    coalescer = Coalescer(process, max_batch_size=8, max_concurrent=1)
+
+    async def submit_as(name: str, item: str):
+        caller.set(name)
+        return await coalescer.submit(item)
+
+    assert await submit_as("request-1", "a") == "a"
+    assert await submit_as("request-2", "b") == "b"
+    assert seen == ["none", "none"]
 
 
 async def test_max_wait_lets_a_batch_fill():

@@ -90,8 +90,8 @@ def test_deployment_rules(tmp_path):
     assert f"{app}[Tokenizer].ray_actor_options: missing num_gpus (state it explicitly)" in problems
     assert any(p.startswith(f"{app}[Encodr]: no such deployment") for p in problems)
     assert (
-        f"{app}[Encoder].max_ongoing_requests: 4 is below max_batch_size x "
-        "max_concurrent_batches = 8; batches could never fill"
+        f"{app}[Encoder].max_ongoing_requests: 4 is below max_batch_size = 8; "
+        "batches could never fill"
     ) in problems
 
 
@@ -109,3 +109,13 @@ def test_load_app_spec_returns_the_pipeline_spec():
     assert [p.output_prefix for p in plans[2:5]] == ["linear.", "mlp.", "bow."]
     with pytest.raises(ConfigError, match="no application named 'nope'"):
         load_app_spec(ROOT / "serve_config.yaml", "nope")
+
+
+def test_a_device_on_a_text_member_is_refused_not_ignored(tmp_path):
+    def edit(config):
+        config["applications"][0]["args"]["members"][2]["device"] = "cuda"
+
+    assert _variant(tmp_path, edit) == [
+        "applications[intent].args.members.2: Value error, member 'bow': device applies to "
+        "embedding members only; leave it unset"
+    ]

@@ -75,6 +75,8 @@ def serve_instance(registry: Registry) -> Iterator[ServeInstance]:
         include_dashboard=False,
         _metrics_export_port=free_port(),
         logging_level="WARNING",
+        # Replicas import test fixtures (tests.fixtures) whatever directory pytest ran from.
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     port = free_port()
     start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)

@@ -1,0 +1,48 @@
+"""Fake stage classes for fault tests: tiny, instant, no weights — and one that fails, one slow.
+
+They speak the same batch layout as the real classes, so the real Serve wrapper and gateway run
+around them unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from servecore import LABELS
+from servecore.batching import Batch, num_rows
+
+
+class FakeTokenizer:
+    def __call__(self, batch: Batch) -> Batch:
+        n = num_rows(batch)
+        return {"input_ids": np.ones((n, 2), np.int64), "attention_mask": np.ones((n, 2), np.int64)}
+
+
+class FakeEncoder:
+    def __call__(self, batch: Batch) -> Batch:
+        n = num_rows(batch)
+        return {"embedding": np.zeros((n, 4), np.float32), "num_tokens": np.full(n, 2, np.int64)}
+
+
+class UniformModel:
+    """Any member: every label equally likely."""
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = num_rows(batch)
+        return {"probs": np.full((n, len(LABELS)), 1 / len(LABELS), np.float32)}
+
+
+class ErrorModel:
+    def __call__(self, batch: Batch) -> Batch:
+        raise RuntimeError("injected failure: secret internal detail")
+
+
+class SlowModel(UniformModel):
+    def __init__(self, seconds: float = 5.0) -> None:
+        self.seconds = seconds
+
+    def __call__(self, batch: Batch) -> Batch:
+        time.sleep(self.seconds)
+        return super().__call__(batch)

@@ -9,7 +9,6 @@ thread count: nothing here calls ``torch.set_num_threads``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from servecore.batching import Batch, text_batch
-from servecore.spec import PipelineSpec, StagePlan
+from servecore.spec import PipelineSpec, StagePlan, load_stage_class
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,6 @@ def load_spec(config_path: str | Path, app: str = APP_NAME) -> PipelineSpec:
     from servecore.config_check import load_app_spec
 
     return load_app_spec(config_path, app)
-
-
-def import_class(import_path: str) -> type:
-    """``"package.module:Class"`` → the class."""
-    module_name, _, attr = import_path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"stage class {import_path!r} must look like 'package.module:Class'")
-    return getattr(importlib.import_module(module_name), attr)
 
 
 @dataclass
@@ -74,7 +65,7 @@ class InProcessPipeline:
         self.stages: list[LoadedStage] = []
         for plan in spec.stage_plans():
             started = time.perf_counter()
-            model = import_class(plan.stage_class)(**plan.init_kwargs)
+            model = load_stage_class(plan.stage_class)(**plan.init_kwargs)
             lock = threading.Lock() if plan.deployment == TOKENIZER else None
             self.stages.append(LoadedStage(plan=plan, model=model, lock=lock))
             logger.info(

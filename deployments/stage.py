@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import inspect
 import logging
 import math
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from servecore.batching import Batch, concat_batches, num_rows, split_batch
+from servecore.spec import load_stage_class
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,13 +48,6 @@ class StageOutput:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def load_class(import_path: str) -> type:
-    module_name, _, attr = import_path.partition(":")
-    if not attr:
-        raise ValueError(f"stage class {import_path!r} must look like 'package.module:Class'")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def granted_cpus() -> int | None:
     """CPUs this Ray worker was granted, rounded to whole torch threads (at least one)."""
     import ray
@@ -68,7 +61,7 @@ def granted_cpus() -> int | None:
 
 def build_model(import_path: str, kwargs: dict[str, Any]) -> Any:
     """Construct a stage class, giving torch as many threads as the worker has CPUs."""
-    cls = load_class(import_path)
+    cls = load_stage_class(import_path)
     kwargs = dict(kwargs)
     if "num_threads" in inspect.signature(cls).parameters and "num_threads" not in kwargs:
         kwargs["num_threads"] = granted_cpus()

@@ -7,6 +7,7 @@ stay in the deployments section of the same application, where Serve expects the
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,6 +80,14 @@ class StagePlan:
     input: Literal["text", "tokens", "embedding", "members"]
     output_prefix: str = ""
     members: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_stage_class(import_path: str) -> type:
+    """``"package.module:Class"`` → the class (how stage plans name their classes)."""
+    module_name, _, attr = import_path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"stage class {import_path!r} must look like 'package.module:Class'")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 class PipelineSpec(_Strict):

@@ -1,0 +1,63 @@
+"""The benchmark's own parts: the in-process pipeline it measures as the ceiling, and its maths."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.loadgen import percentiles
+from bench.report import compute_ratios
+from servecore import LABELS
+from tests.conftest import ROOT
+
+
+def test_in_process_pipeline_runs_the_registered_models(registry):
+    from bench.pipeline import InProcessPipeline, load_spec
+
+    pipeline = InProcessPipeline(load_spec(ROOT / "serve_config.yaml"))
+    seconds: dict[str, float] = {}
+    out = pipeline(["I was charged twice", "my parcel never arrived"], stage_seconds=seconds)
+    assert out["label"].tolist() == ["billing", "delivery"]
+    assert out["probs"].shape == (2, len(LABELS))
+    assert set(seconds) == {
+        "Tokenizer",
+        "Encoder",
+        "LinearHead",
+        "MLPHead",
+        "BagOfWords",
+        "Ensemble",
+    }
+    assert [m["stage"] for m in pipeline.models()] == [
+        "Tokenizer",
+        "Encoder",
+        "LinearHead",
+        "MLPHead",
+        "BagOfWords",
+    ]
+
+
+def test_percentiles_in_milliseconds():
+    stats = percentiles([0.001 * i for i in range(1, 101)])
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["max_ms"] == pytest.approx(100.0)
+    assert percentiles([])["p99_ms"] is None
+
+
+def _row(rps: float, tps: float | None = None, errors: int = 0) -> dict:
+    return {"requests_per_s": rps, "texts_per_s": tps if tps is not None else rps, "errors": errors}
+
+
+def test_ratio_verdicts_need_the_target_and_no_errors():
+    results = {
+        "raw": _row(2.0, 64.0),
+        "served_batch32": _row(2.0, 60.0),
+        "served_c8": _row(20.0),
+        "served_c32": _row(30.0, errors=1),
+        "unbatched_c32": _row(15.0),
+        "microbatch_c32": _row(60.0),
+    }
+    ratios = compute_ratios(results)
+    assert ratios["served_vs_raw"]["value"] == pytest.approx(60 / 64)
+    assert ratios["served_vs_raw"]["met"] is True
+    assert ratios["served_vs_unbatched_c32"]["value"] == pytest.approx(2.0)
+    assert ratios["served_vs_unbatched_c32"]["met"] is False  # a failed request voids the verdict
+    assert ratios["served_vs_microbatch_c32"]["met"] is None  # no target

@@ -26,7 +26,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from fastapi import FastAPI, Request
 
 from bench.loadgen import LOOPBACK, free_port
 from bench.pipeline import InProcessPipeline, load_spec
+from graphs.deploy import wait_ready
 from servecore import LABELS
 from servecore.batching import Batch, split_batch
 from servecore.http_errors import install_error_handlers
@@ -245,32 +245,23 @@ def peer_server(
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     logger.info("started %s peer, pid %d, on %s (log %s)", mode, process.pid, base_url, log_path)
     try:
-        _wait_healthy(base_url, process, log_path, start_timeout_s)
+        wait_ready(
+            base_url,
+            start_timeout_s,
+            path="/healthz",
+            still_alive=lambda: _raise_if_exited(process, log_path),
+        )
         yield base_url
     finally:
         _stop(process, mode)
 
 
-def _wait_healthy(
-    base_url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"peer exited with status {process.returncode} before it was ready; "
-                f"log tail:\n{_tail(log_path)}"
-            )
-        try:
-            response = httpx.get(f"{base_url}/healthz", timeout=5, trust_env=False)
-            if response.status_code == 200:
-                return
-            last = f"{response.status_code} {response.text[:200]}"
-        except httpx.HTTPError as e:
-            last = repr(e)
-        time.sleep(0.5)
-    raise TimeoutError(f"peer at {base_url} not ready after {timeout_s}s: {last}")
+def _raise_if_exited(process: subprocess.Popen[bytes], log_path: Path) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(
+            f"peer exited with status {process.returncode} before it was ready; "
+            f"log tail:\n{_tail(log_path)}"
+        )
 
 
 def _stop(process: subprocess.Popen[bytes], mode: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,20 @@ def wait_running(apps: list[str], timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"applications {apps} not running after {timeout_s}s: {serve.status()}")
 
 
-def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
-    """Poll ``/readyz`` until every stage answers."""
+def wait_ready(
+    base_url: str,
+    timeout_s: float = 180.0,
+    path: str = "/readyz",
+    still_alive: Callable[[], None] | None = None,
+) -> None:
+    """Poll ``path`` until it answers 200; ``still_alive`` raises if the server died meanwhile."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
+        if still_alive is not None:
+            still_alive()
         try:
-            response = httpx.get(f"{base_url}/readyz", timeout=15)
+            response = httpx.get(f"{base_url}{path}", timeout=15, trust_env=False)
             if response.status_code == 200:
                 return
             last = f"{response.status_code} {response.text[:200]}"

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from servecore.batching import Batch, concat_batches, num_rows, split_batch
-from servecore.spec import load_stage_class
+from servecore.stages import build_stage
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,26 +44,6 @@ class StageOutput:
 
     batch: Batch
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def granted_cpus() -> int | None:
-    """CPUs this Ray worker was granted, rounded to whole torch threads (at least one)."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    # A stage granted no CPU (a light one, ``num_cpus: 0``) still gets one thread, not all cores.
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    return max(1, math.floor(cpus + 0.5))
-
-
-def build_model(import_path: str, kwargs: dict[str, Any]) -> Any:
-    """Construct a stage class, giving torch as many threads as the worker has CPUs."""
-    cls = load_stage_class(import_path)
-    kwargs = dict(kwargs)
-    if "num_threads" in inspect.signature(cls).parameters and "num_threads" not in kwargs:
-        kwargs["num_threads"] = granted_cpus()
-    return cls(**kwargs)
 
 
 def _torch_threads() -> int | None:
@@ -105,7 +83,7 @@ class Stage:
         self.output_prefix = output_prefix
         self.name = serve.get_replica_context().deployment
         started = time.perf_counter()
-        self.model = build_model(stage_class, init_kwargs or {})
+        self.model = build_stage(stage_class, init_kwargs or {})
         ref = getattr(self.model, "model_ref", None)
         self.model_info = None if ref is None else {"stage": self.name, **ref.to_dict()}
         self.user_config = StageUserConfig()

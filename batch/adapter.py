@@ -1,0 +1,95 @@
+"""The class Ray Data runs for every stage: it wraps one plain model class in an actor.
+
+``map_batches(StageActor, fn_constructor_kwargs=stage.constructor_kwargs(), compute=...)`` builds
+the model once per actor (torch gets as many threads as the actor was granted CPUs), feeds it the
+columns it reads and adds its outputs, renamed with the stage's ``output_prefix`` exactly as the
+Serve wrapper renames them. Columns no later stage needs are dropped on the way, each row's
+``model_versions`` grows by the stage's registered version, and the last stage turns the
+ensemble's output into the job's output columns. Ray Serve is never imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from batch.plan import ID, TEXT, VERSIONS
+from servecore import LABELS
+from servecore.batching import Batch, num_rows
+from servecore.stages import build_stage
+
+logger = logging.getLogger(__name__)
+
+
+def probability_column(label: str) -> str:
+    return f"prob_{label}"
+
+
+def output_columns(batch: Batch, labels: Sequence[str], keep_text: bool) -> Batch:
+    """The job's output from the ensemble's batch: id, label, one probability column per label."""
+    probs = np.asarray(batch["probs"], dtype=np.float32)
+    out: Batch = {ID: batch[ID]}
+    if keep_text:
+        out[TEXT] = batch[TEXT]
+    out["label"] = np.asarray([str(label) for label in batch["label"]], dtype=object)
+    for j, label in enumerate(labels):
+        out[probability_column(label)] = probs[:, j]
+    versions = batch.get(VERSIONS)
+    out[VERSIONS] = np.full(len(probs), "", dtype=object) if versions is None else versions
+    return out
+
+
+class StageActor:
+    """One pipeline stage inside a Ray Data actor (see the module docstring)."""
+
+    def __init__(
+        self,
+        stage_class: str,
+        init_kwargs: dict[str, Any],
+        deployment: str,
+        output_prefix: str,
+        reads: list[str],
+        keeps: list[str],
+        last: bool,
+    ) -> None:
+        started = time.perf_counter()
+        self.model = build_stage(stage_class, init_kwargs)
+        self.deployment = deployment
+        self.output_prefix = output_prefix
+        self.reads = tuple(reads)
+        self.keeps = frozenset(keeps)
+        self.last = last
+        ref = getattr(self.model, "model_ref", None)
+        self.version = None if ref is None else f"{deployment}={ref.name}/{ref.version}"
+        self.labels = tuple(getattr(self.model, "labels", LABELS))
+        logger.info(
+            "stage %s loaded %s in %.1fs (%s)",
+            deployment,
+            stage_class,
+            time.perf_counter() - started,
+            self.version,
+        )
+
+    def __call__(self, batch: Batch) -> Batch:
+        missing = [c for c in self.reads if c not in batch]
+        if missing:
+            raise KeyError(f"stage {self.deployment} needs columns {missing}; got {sorted(batch)}")
+        output = self.model({c: batch[c] for c in self.reads})
+        if self.output_prefix:
+            output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
+        result = {k: v for k, v in batch.items() if k in self.keeps}
+        result.update({k: v for k, v in output.items() if self.last or k in self.keeps})
+        if self.version is not None:
+            result[VERSIONS] = self._with_version(batch.get(VERSIONS), num_rows(batch))
+        if self.last:
+            return output_columns(result, self.labels, keep_text=TEXT in self.keeps)
+        return result
+
+    def _with_version(self, versions: np.ndarray | None, rows: int) -> np.ndarray:
+        if versions is None:
+            return np.full(rows, self.version, dtype=object)
+        return np.asarray([f"{v},{self.version}" for v in versions], dtype=object)

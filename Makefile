@@ -39,11 +39,14 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Serving benchmark, then the offline one (Ray Data job vs a plain loop, 20,000 texts).
 bench: bootstrap
 	$(PY) -m bench
+	$(PY) -m bench.batch
 
 bench-quick: bootstrap
 	$(PY) -m bench --quick --output /tmp/intent-bench-quick
+	$(PY) -m bench.batch --quick --output /tmp/intent-bench-quick
 
 clean-registry:
 	rm -rf mlflow.db mlartifacts .cache/models

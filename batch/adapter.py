@@ -1,18 +1,19 @@
 """The class Ray Data runs for every stage: it wraps one plain model class in an actor.
 
-``map_batches(StageActor, fn_constructor_kwargs=stage.constructor_kwargs(), compute=...)`` builds
-the model once per actor (torch gets as many threads as the actor was granted CPUs), feeds it the
-columns it reads and adds its outputs, renamed with the stage's ``output_prefix`` exactly as the
-Serve wrapper renames them. Columns no later stage needs are dropped on the way, each row's
+``map_batches(stage_actor_class(name), fn_constructor_kwargs=stage.constructor_kwargs(), ...)``
+builds the model once per actor (torch gets as many threads as the actor was granted CPUs), feeds
+it the columns it reads and adds its outputs, renamed with the stage's ``output_prefix`` exactly as
+the Serve wrapper renames them. Columns no later stage needs are dropped on the way, each row's
 ``model_versions`` grows by the stage's registered version, and the last stage turns the
 ensemble's output into the job's output columns. Ray Serve is never imported here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,3 +94,27 @@ class StageActor:
         if versions is None:
             return np.full(rows, self.version, dtype=object)
         return np.asarray([f"{v},{self.version}" for v in versions], dtype=object)
+
+
+@functools.cache
+def stage_actor_class(deployment: str) -> type[StageActor]:
+    """:class:`StageActor` under the stage's own name.
+
+    Ray Data names an operator, its progress bar and its actors after the class
+    (``MapBatches(Encoder)``, actor ``MapWorker(MapBatches(Encoder))``); six pools of one class
+    would be indistinguishable in the progress output, the dashboard and the job summary. The
+    subclass adds nothing else; it is not importable, so Ray ships it by value.
+    """
+    if not deployment.isidentifier():
+        raise ValueError(f"stage name {deployment!r} is not a Python identifier")
+    return type(deployment, (StageActor,), {"__qualname__": deployment, "__module__": __name__})
+
+
+def stage_of_actor(class_name: str, stages: Iterable[str]) -> str | None:
+    """Which stage an actor of Ray's actor table belongs to, from the class name Ray gives it:
+    ``MapWorker(MapBatches(Encoder))``, or with the read fused into the first stage
+    ``MapWorker(ReadParquet->...->MapBatches(Tokenizer))``."""
+    for stage in stages:
+        if class_name.startswith("MapWorker(") and class_name.endswith(f"MapBatches({stage}))"):
+            return stage
+    return None

@@ -6,6 +6,7 @@ every measurement it is computed from finished without a single failed request.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -140,13 +141,33 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_ratios(ratios: Mapping[str, Mapping[str, Any]]) -> str:
+def markdown_ratios(ratios: Mapping[str, Mapping[str, Any]], bold_targets: bool = False) -> str:
+    """The ratio table; ``bold_targets`` sets the titles of ratios with a target in bold."""
     lines = ["| Ratio | Value | Target | Verdict |", "|---|---:|---:|---|"]
     for item in ratios.values():
         value = "–" if item["value"] is None else f"{item['value']:.2f}"
         target = "–" if item["target"] is None else f"≥ {item['target']:.2f}"
-        lines.append(f"| {item['title']} | {value} | {target} | {item['verdict']} |")
+        title = item["title"]
+        if bold_targets and item["target"] is not None:
+            title = f"**{title}**"
+        lines.append(f"| {title} | {value} | {target} | {item['verdict']} |")
     return "\n".join(lines)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, latest_name: str) -> None:
+    """``--config`` and ``--output``, shared by the benchmarks."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "serve_config.yaml",
+        help="Serve config with the 'intent' application (default: serve_config.yaml)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help=f"folder for {latest_name} and the timestamped copy (default: bench/results)",
+    )
 
 
 def render(report: Mapping[str, Any]) -> str:

@@ -230,18 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny counts, for a smoke test (~2 minutes)"
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=ROOT / "serve_config.yaml",
-        help="Serve config with the 'intent' application (default: serve_config.yaml)",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=ROOT / "bench" / "results",
-        help="folder for latest.json and the timestamped copy (default: bench/results)",
-    )
+    reporting.add_common_arguments(parser, "latest.json")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,1 @@
+"""Running the platform on more than one node (see README.md in this folder)."""

@@ -34,6 +34,7 @@ ROW_TITLES: dict[str, str] = {
     "raw": "raw in-process, batch 32 (latency per batch)",
     "served_batch32": "served (a): 32 texts/request, c=4",
     **{row_id("served", c): f"served (b): 1 text/request, c={c}" for c in CONCURRENCIES},
+    "served_cached_c8": "served, response-cache hits: 1 repeated text/request, c=8",
     **{row_id("unbatched", c): f"unbatched FastAPI peer, c={c}" for c in CONCURRENCIES},
     **{row_id("microbatch", c): f"micro-batching FastAPI peer, c={c}" for c in CONCURRENCIES},
 }
@@ -82,6 +83,14 @@ RATIOS = (
         row_id("served", 8),
         "requests_per_s",
         1.0,
+    ),
+    Ratio(
+        "cache_hits_vs_model_c8",
+        "served cache hits c=8 req/s ÷ served (b) c=8 req/s (the hit path against the models)",
+        "served_cached_c8",
+        row_id("served", 8),
+        "requests_per_s",
+        None,
     ),
 )
 

@@ -13,6 +13,7 @@ Options: ``--quick`` (tiny counts for a smoke test, about two minutes), ``--conf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import logging
@@ -181,6 +182,14 @@ def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[s
             rows[reporting.row_id("served", concurrency)] = http_row(
                 result, "req/s", encoder=replicas
             )
+        # The response cache's hit path: one text asked again and again (compare with (b) c=8,
+        # the same load through the models).
+        hits = dataclasses.replace(plan.single_text(8), use_cache=True)
+        one_text = TextCycler(texts[:1])
+        warm_up(graph.predict_url, hits, one_text, plan.warmup_s, "served cache hits c=8")
+        rows["served_cached_c8"] = http_row(
+            measure(graph.predict_url, hits, one_text, "served cache hits c=8"), "req/s"
+        )
     return rows
 
 

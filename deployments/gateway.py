@@ -6,17 +6,24 @@ micro-batch instead of per request: on a 2-core machine each Serve hop costs mil
 Within a call every fan-out ``.remote()`` starts before anything is awaited, and responses flow from
 stage to stage without the gateway touching them.
 
+Every graph call runs on one :class:`~servecore.releases.Release` (the exact model versions behind
+the spec's aliases), pinned in each stage call, so an answer never mixes versions. A background
+task polls the registry and switches to a new release only once two polls agree and a warm-up call
+has gone through the whole graph on it; until then the old release answers.
+
 No ``from __future__ import annotations``: FastAPI must see real classes in the route signatures.
 """
 
 import asyncio
 import base64
 import logging
+import random
+import time
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
@@ -27,13 +34,26 @@ from servecore import LABELS
 from servecore.batching import split_batch, text_batch
 from servecore.coalescer import Coalescer
 from servecore.errors import InvalidRequest, ModelNotFound, ModelUnavailable, NotReady
+from servecore.experiments import (
+    CacheConfig,
+    CachedAnswer,
+    CircuitBreaker,
+    ExperimentConfig,
+    FallbackConfig,
+    ResponseCache,
+    ShadowConfig,
+    ShadowStats,
+    VariantStats,
+)
 from servecore.http_errors import install_error_handlers, request_id
+from servecore.releases import Release, poll_ticks, spec_model_uris
 from servecore.schemas import (
     EmbeddingData,
     EmbeddingsRequest,
     EmbeddingsResponse,
     EmbeddingsUsage,
     ErrorResponse,
+    ExperimentsResponse,
     Health,
     ModelsResponse,
     ModelVersion,
@@ -76,6 +96,29 @@ class GatewayUserConfig(BaseModel):
     """Extra wait for a call to fill once a slot is free; 0 sends whatever is queued."""
     graph_timeout_s: float = Field(default=20.0, gt=0.0, le=300.0)
     """Deadline of one graph call; past it the callers get a 503 and the slot is freed."""
+    registry_poll_s: float = Field(default=10.0, ge=0.0, le=3600.0)
+    """How often the registry is checked for alias moves; 0 pins the release the gateway
+    started with. A move is served within about two polls plus one warm-up call."""
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    @model_validator(mode="after")
+    def _shadow_variant_exists(self) -> "GatewayUserConfig":
+        names = [v.name for v in self.experiment.variants]
+        if self.shadow.variant is not None and self.shadow.variant not in names:
+            raise ValueError(f"shadow.variant {self.shadow.variant!r} is not one of {names}")
+        return self
+
+
+class PrimaryUnavailable(Exception):
+    """The primary pipeline did not answer: ``code`` is ``circuit_open``, ``deadline`` or
+    ``error``; the message is what the degraded answer gives as its reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
@@ -93,70 +136,305 @@ class Gateway:
     def __init__(self, spec: dict[str, Any], stages: dict[str, DeploymentHandle]) -> None:
         self.spec = PipelineSpec.model_validate(spec)
         self.stages = stages
-        self.heads = [
-            (m.name, stages[m.deployment]) for m in self.spec.members if m.input == "embedding"
-        ]
-        self.text_models = [
-            (m.name, stages[m.deployment]) for m in self.spec.members if m.input == "text"
-        ]
+        self.head_stages = [m.deployment for m in self.spec.members if m.input == "embedding"]
+        self.text_stages = [m.deployment for m in self.spec.members if m.input == "text"]
+        self.prefixes = {plan.deployment: plan.output_prefix for plan in self.spec.stage_plans()}
         self.encoder_name = self.spec.encoder_name()
+        self.stage_uris = {
+            plan.deployment: plan.init_kwargs.get("model_uri") for plan in self.spec.stage_plans()
+        }
+        self.uris = spec_model_uris(self.spec)
         knobs = GatewayUserConfig()
+        self.knobs = knobs
+        self.releases: dict[str, Release] = {
+            v.name: Release.resolve_variant(self.uris, v.alias) for v in knobs.experiment.variants
+        }
+        self.previous_releases: dict[str, Release] = {}
+        self.release_swaps = 0
+        self.release_error: str | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.graph_timeout_s = knobs.graph_timeout_s
-        self.coalescer: Coalescer[list[str], StageOutput] = Coalescer(
-            self._predict_batch,
-            max_batch_size=knobs.max_batch_size,
-            max_concurrent=knobs.max_concurrent_batches,
-            size_of=len,
-        )
+        self.coalescers: dict[str, Coalescer[list[str], StageOutput]] = {}
+        self.variant_stats: dict[str, VariantStats] = {}
+        self.shadow_stats = ShadowStats()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.breaker = CircuitBreaker(knobs.fallback.failure_threshold, knobs.fallback.cooldown_s)
+        self.fallbacks: dict[str, int] = {}
+        self.cache = ResponseCache(knobs.cache)
+        logger.info("gateway serving %s", {n: r.key for n, r in self.releases.items()})
+
+    # --- configuration and releases -----------------------------------------------------------
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
-        # async: it touches the coalescer's asyncio state, which belongs to the replica's loop.
+        # async: it touches asyncio state (coalescers, tasks) that belongs to the replica's loop.
         knobs = GatewayUserConfig.model_validate(config or {})
+        stage = knobs.fallback.stage
+        if stage is not None and stage not in self.text_stages:
+            raise ValueError(
+                f"fallback.stage {stage!r} must be a text-input member: {self.text_stages}"
+            )
+        wanted = {v.name: v.alias for v in knobs.experiment.variants}
+        missing = {
+            name: alias
+            for name, alias in wanted.items()
+            if name not in self.releases or self._alias_of(name) != alias
+        }
+        if missing:
+            resolved = await asyncio.to_thread(
+                lambda: {n: Release.resolve_variant(self.uris, a) for n, a in missing.items()}
+            )
+            self.releases.update(resolved)
+        for name in set(self.releases) - set(wanted):
+            del self.releases[name]
+        previous, self.knobs = self.knobs, knobs
         self.graph_timeout_s = knobs.graph_timeout_s
-        self.coalescer.configure(
-            knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
-        )
+        for coalescer in self.coalescers.values():
+            coalescer.configure(
+                knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
+            )
+        if knobs.fallback != previous.fallback:  # new settings: a fresh circuit
+            self.breaker = CircuitBreaker(
+                knobs.fallback.failure_threshold, knobs.fallback.cooldown_s
+            )
+        self.cache.configure(knobs.cache)
+        self._ensure_watcher()
 
-    def _classify(self, texts: list[str]) -> Any:
-        """Start the whole graph for ``texts``; returns the ensemble's unawaited response."""
+    def _alias_of(self, variant: str) -> str | None:
+        for v in self.knobs.experiment.variants:
+            if v.name == variant:
+                return v.alias
+        return None
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_registry())
+
+    def _resolve_all(self) -> dict[str, Release]:
+        return {
+            v.name: Release.resolve_variant(self.uris, v.alias)
+            for v in self.knobs.experiment.variants
+        }
+
+    async def _watch_registry(self) -> None:
+        """Follow alias moves: see the module docstring."""
+        candidate: dict[str, Release] = {}
+        async for _ in poll_ticks(lambda: self.knobs.registry_poll_s):
+            try:
+                found = await asyncio.to_thread(self._resolve_all)
+            except Exception as e:  # noqa: BLE001 - keep serving the current releases
+                self.release_error = f"registry poll failed: {e}"
+                logger.warning("%s", self.release_error)
+                continue
+            moved = {
+                name: release
+                for name, release in found.items()
+                if name in self.releases and not release.same_versions(self.releases[name])
+            }
+            if not moved:
+                candidate = {}
+                continue
+            if any(not r.same_versions(candidate.get(n)) for n, r in moved.items()):
+                candidate = moved  # wait for a second poll to agree: aliases move one by one
+                continue
+            try:
+                for release in moved.values():
+                    await asyncio.wait_for(
+                        self._classify(["warm-up"], release), 6 * self.graph_timeout_s
+                    )
+            except Exception as e:  # noqa: BLE001 - the old release keeps answering
+                self.release_error = f"warm-up of {list(moved)} failed: {e!r}"
+                logger.error("%s", self.release_error)
+                continue
+            for name, release in moved.items():
+                logger.info("gateway: %s %s -> %s", name, self.releases[name].key, release.key)
+                self.previous_releases[name] = self.releases[name]
+                self.releases[name] = release
+            self.release_swaps += 1
+            self.release_error = None
+            self.cache.clear()
+            candidate = {}
+
+    # --- the graph ---------------------------------------------------------------------------
+
+    def _classify(self, texts: list[str], release: Release) -> Any:
+        """Start the whole graph for ``texts`` on ``release``; returns the ensemble's response."""
+        pins = {name: release.pin(uri) for name, uri in self.stage_uris.items()}
         batch = text_batch(texts)
-        tokens = self.stages["Tokenizer"].remote(batch)
-        embeddings = self.stages["Encoder"].remote(tokens)
-        members = [handle.remote(embeddings) for _, handle in self.heads]
-        members += [handle.remote(batch) for _, handle in self.text_models]
-        return self.stages["Ensemble"].remote(*members)
+        tokens = self.stages["Tokenizer"].remote(batch, pin=pins["Tokenizer"])
+        embeddings = self.stages["Encoder"].remote(tokens, pin=pins["Encoder"])
+        members = [
+            self.stages[name].remote(embeddings, pin=pins[name]) for name in self.head_stages
+        ]
+        members += [self.stages[name].remote(batch, pin=pins[name]) for name in self.text_stages]
+        return self.stages["Ensemble"].remote(*members, pin=pins["Ensemble"])
 
-    async def _predict_batch(self, requests: list[list[str]]) -> list[StageOutput]:
+    def _coalescer(self, variant: str) -> Coalescer[list[str], StageOutput]:
+        coalescer = self.coalescers.get(variant)
+        if coalescer is None:
+            knobs = self.knobs
+
+            async def run(requests: list[list[str]]) -> list[StageOutput]:
+                return await self._predict_batch(variant, requests)
+
+            coalescer = Coalescer(
+                run,
+                max_batch_size=knobs.max_batch_size,
+                max_concurrent=knobs.max_concurrent_batches,
+                size_of=len,
+            )
+            coalescer.configure(
+                knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
+            )
+            self.coalescers[variant] = coalescer
+        return coalescer
+
+    async def _predict_batch(self, variant: str, requests: list[list[str]]) -> list[StageOutput]:
         sizes = [len(texts) for texts in requests]
+        # The release is read once per graph call: every text in it runs on the same versions.
         output: StageOutput = await asyncio.wait_for(
-            self._classify([t for texts in requests for t in texts]), self.graph_timeout_s
+            self._classify([t for texts in requests for t in texts], self.releases[variant]),
+            self.graph_timeout_s,
         )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
+    async def _primary(self, variant: str, texts: list[str]) -> StageOutput:
+        """The full pipeline, behind the circuit breaker and the fallback deadline."""
+        fallback = self.knobs.fallback
+        if fallback.stage is None:
+            return await self._coalescer(variant).submit(texts)
+        if not self.breaker.allow():
+            raise PrimaryUnavailable(
+                "circuit_open", "circuit open: the primary pipeline failed repeatedly"
+            )
+        try:
+            output = await asyncio.wait_for(
+                self._coalescer(variant).submit(texts), fallback.deadline_s
+            )
+        except TimeoutError as e:
+            self.breaker.failure()
+            raise PrimaryUnavailable(
+                "deadline", f"the primary pipeline missed its {fallback.deadline_s:g}s deadline"
+            ) from e
+        except STAGE_ERRORS as e:
+            self.breaker.failure()
+            raise PrimaryUnavailable(
+                "error", f"the primary pipeline failed ({type(e).__name__})"
+            ) from e
+        self.breaker.success()
+        return output
+
+    async def _fallback(self, texts: list[str], release: Release) -> StageOutput:
+        stage = self.knobs.fallback.stage
+        assert stage is not None
+        output: StageOutput = await asyncio.wait_for(
+            self.stages[stage].remote(text_batch(texts), pin=release.pin(self.stage_uris[stage])),
+            self.graph_timeout_s,
+        )
+        probs = np.asarray(output.batch[f"{self.prefixes[stage]}probs"], dtype=np.float32)
+        labels = np.asarray([LABELS[i] for i in probs.argmax(axis=1)], dtype=object)
+        return StageOutput({"probs": probs, "label": labels}, output.models)
+
+    def _maybe_shadow(self, variant: str, texts: list[str], labels: list[str], took: float) -> None:
+        shadow = self.knobs.shadow
+        if shadow.variant is None or shadow.variant == variant or shadow.fraction <= 0:
+            return
+        if random.random() >= shadow.fraction:
+            return
+        if len(self._shadow_tasks) >= shadow.max_in_flight:
+            self.shadow_stats.skipped += 1
+            return
+        task = asyncio.create_task(self._shadow(shadow.variant, texts, labels, took))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, variant: str, texts: list[str], labels: list[str], took: float) -> None:
+        started = time.perf_counter()
+        try:
+            output = await asyncio.wait_for(
+                self._coalescer(variant).submit(texts), self.graph_timeout_s
+            )
+        except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
+            self.shadow_stats.errors += 1
+            logger.warning("shadow call to %s failed: %r", variant, e)
+            return
+        shadow_labels = [str(label) for label in output.batch["label"]]
+        self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
+
+    # --- routes ------------------------------------------------------------------------------
+
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, body: PredictRequest, request: Request) -> Response:
-        """Classify 1–64 texts; every answer names the model versions that produced it."""
-        try:
-            output = await self.coalescer.submit(body.texts)
-        except STAGE_ERRORS as e:
-            raise ModelUnavailable("the model pipeline is unavailable; retry shortly") from e
-        probs = output.batch["probs"]
+        """Classify 1–64 texts; every answer names the model versions that produced it.
+
+        ``X-User-Key`` (the experiment's sticky header) keeps a caller on one A/B variant;
+        ``Cache-Control: no-cache`` skips the response cache for this request.
+        """
+        self._ensure_watcher()
+        started = time.perf_counter()
+        experiment = self.knobs.experiment
+        variant = experiment.assign(request.headers.get(experiment.sticky_header))
+        stats = self.variant_stats.setdefault(variant, VariantStats())
+        release = self.releases[variant]
+        texts = body.texts
+        bypass = "no-cache" in request.headers.get("cache-control", "").lower()
+        if bypass:
+            self.cache.bypassed += 1
+            cached: list[CachedAnswer | None] = [None] * len(texts)
+        else:
+            cached = [self.cache.get(text, release.key) for text in texts]
+        missing = [i for i, hit in enumerate(cached) if hit is None]
+        labels: list[str] = [hit.label if hit else "" for hit in cached]
+        probs: list[tuple[float, ...]] = [hit.probs if hit else () for hit in cached]
+        models: dict[str, dict[str, Any]] = next((h.models for h in cached if h), {})
+        degraded_reason = None
+        if missing:
+            asked = [texts[i] for i in missing]
+            try:
+                output = await self._primary(variant, asked)
+            except (PrimaryUnavailable, *STAGE_ERRORS) as e:
+                if self.knobs.fallback.stage is None:
+                    stats.errors += 1
+                    raise ModelUnavailable(
+                        "the model pipeline is unavailable; retry shortly"
+                    ) from e
+                code = e.code if isinstance(e, PrimaryUnavailable) else "error"
+                degraded_reason = str(e) if isinstance(e, PrimaryUnavailable) else repr(e)
+                try:
+                    output = await self._fallback(asked, release)
+                except STAGE_ERRORS as fallback_error:
+                    stats.errors += 1
+                    raise ModelUnavailable(
+                        "the model pipeline and its fallback are unavailable; retry shortly"
+                    ) from fallback_error
+                self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
+            models = output.models
+            for j, i in enumerate(missing):
+                labels[i] = str(output.batch["label"][j])
+                probs[i] = tuple(float(p) for p in output.batch["probs"][j])
+                if degraded_reason is None:
+                    self.cache.put(texts[i], release.key, labels[i], probs[i], models)
+        took = time.perf_counter() - started
+        stats.record(took, labels, degraded=degraded_reason is not None)
+        if degraded_reason is None:
+            self._maybe_shadow(variant, texts, labels, took)
         predictions = [
-            Prediction(
-                label=str(label), probabilities=dict(zip(LABELS, map(float, row), strict=True))
-            )
-            for label, row in zip(output.batch["label"], probs, strict=True)
+            Prediction(label=label, probabilities=dict(zip(LABELS, row, strict=True)))
+            for label, row in zip(labels, probs, strict=True)
         ]
         return _json(
             PredictResponse(
                 request_id=request_id(request),
                 predictions=predictions,
-                models=_versions(output.models),
+                models=_versions(models),
+                variant=variant,
+                degraded=degraded_reason is not None,
+                degraded_reason=degraded_reason,
+                cached=len(texts) - len(missing),
             )
         )
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
-    async def embeddings(self, body: EmbeddingsRequest) -> Response:
+    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> Response:
         """OpenAI-compatible sentence embeddings from the pipeline's encoder (384 dimensions)."""
         if body.model not in (None, self.encoder_name, self.spec.encoder.model_uri):
             raise ModelNotFound(
@@ -167,10 +445,15 @@ class Gateway:
                 "dimensions: this encoder only produces 384-dimensional embeddings"
             )
         texts = [body.input] if isinstance(body.input, str) else body.input
+        experiment = self.knobs.experiment
+        release = self.releases[experiment.assign(request.headers.get(experiment.sticky_header))]
         try:
-            tokens = self.stages["Tokenizer"].remote(text_batch(texts))
+            tokens = self.stages["Tokenizer"].remote(
+                text_batch(texts), pin=release.pin(self.stage_uris["Tokenizer"])
+            )
             output: StageOutput = await asyncio.wait_for(
-                self.stages["Encoder"].remote(tokens), self.graph_timeout_s
+                self.stages["Encoder"].remote(tokens, pin=release.pin(self.stage_uris["Encoder"])),
+                self.graph_timeout_s,
             )
         except STAGE_ERRORS as e:
             raise ModelUnavailable("the encoder is unavailable; retry shortly") from e
@@ -197,14 +480,50 @@ class Gateway:
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)
     async def models(self) -> ModelsResponse:
-        """The registered model behind every stage: name, version and aliases."""
-        try:
-            described = await self._describe_all()
-        except STAGE_ERRORS as e:
-            raise ModelUnavailable("could not reach every stage; retry shortly") from e
+        """The release being served (the first A/B variant's): every stage's registered version,
+        with its aliases; ``variants`` names the release of every variant."""
+        primary = self.knobs.experiment.variants[0].name
+        release = self.releases[primary]
+        refs = {ref.uri: ref for ref in release.refs}
+        models = [
+            ModelVersion(stage=stage, **{**refs[uri].to_dict(), "uri": uri})
+            for stage, uri in self.stage_uris.items()
+            if uri in refs
+        ]
+        previous = self.previous_releases.get(primary)
         return ModelsResponse(
-            models=[ModelVersion(**d["model"]) for d in described if d["model"]],
+            models=models,
             ensemble_weights=dict(self.spec.ensemble.weights),
+            release=release.key,
+            previous_release=None if previous is None else previous.key,
+            release_swaps=self.release_swaps,
+            release_error=self.release_error,
+            variants={name: r.key for name, r in self.releases.items()},
+        )
+
+    @app.get("/v1/experiments", response_model=ExperimentsResponse)
+    async def experiments(self) -> ExperimentsResponse:
+        """The A/B split with per-variant requests, latency and label counts; the shadow
+        comparison (agreement, latency difference); fallbacks and the breaker; the cache."""
+        knobs = self.knobs
+        variants = [
+            {
+                **v.model_dump(),
+                "release": self.releases[v.name].key,
+                **self.variant_stats.get(v.name, VariantStats()).to_dict(),
+            }
+            for v in knobs.experiment.variants
+        ]
+        return ExperimentsResponse(
+            sticky_header=knobs.experiment.sticky_header,
+            variants=variants,
+            shadow={**knobs.shadow.model_dump(), **self.shadow_stats.to_dict()},
+            fallback={
+                **knobs.fallback.model_dump(),
+                "fallbacks": dict(self.fallbacks),
+                "circuit": self.breaker.to_dict(),
+            },
+            cache=self.cache.to_dict(),
         )
 
     @app.get("/healthz", response_model=Health)

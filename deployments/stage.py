@@ -5,6 +5,14 @@ Each replica builds the class once, gathers concurrent calls with ``@serve.batch
 hands each caller its rows back. Outputs travel as :class:`StageOutput`, which carries the model
 versions that produced them so the gateway can name every version in its answer.
 
+Model versions: a stage with a registry model serves any *pinned* version of it
+(``models:/name/3``, see :mod:`servecore.releases`) that the caller names with ``pin=``, keeping the
+most recently used few loaded (:class:`LoadedVersions`), so the release the gateway switched away
+from stays warm for a rollback and an A/B challenger sits beside the champion. A replica also polls
+its alias and loads a new version in the background as soon as the alias moves, so that by the time
+the gateway switches releases every replica has it ready. Calls without a pin use the version the
+replica started with.
+
 Live knobs come through ``user_config`` (:class:`StageUserConfig`) and apply without a restart.
 """
 
@@ -22,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from servecore.batching import Batch, concat_batches, num_rows, split_batch
+from servecore.registry import ModelRef, parse_model_uri
+from servecore.releases import pinned_uri, poll_ticks
 from servecore.stages import build_stage
 
 logger = logging.getLogger("ray.serve")
@@ -36,6 +46,10 @@ class StageUserConfig(BaseModel):
     """Most calls gathered into one batch."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=10.0)
     """Longest wait for a batch to fill once its first call arrived."""
+    max_loaded_versions: int = Field(default=3, ge=1, le=16)
+    """Model versions kept loaded per replica (current, previous for rollback, a challenger)."""
+    registry_poll_s: float = Field(default=10.0, ge=0.0, le=3600.0)
+    """How often the replica checks its alias to preload a new version; 0 turns it off."""
 
 
 @dataclass
@@ -65,6 +79,62 @@ def merge_inputs(inputs: tuple[StageOutput | Batch, ...]) -> StageOutput:
     return StageOutput(batch=batch, models=models)
 
 
+@dataclass
+class LoadedModel:
+    model: Any
+    info: dict[str, Any] | None
+    """What answers name: stage, registered name, version, the stage's URI and aliases."""
+
+
+class LoadedVersions:
+    """Pinned URI → loaded model, least recently used first; one load per URI at a time."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._models
+
+    def keys(self) -> list[str]:
+        return list(self._models)
+
+    def put(self, key: str, loaded: LoadedModel) -> None:
+        self._models[key] = loaded
+        self._models.move_to_end(key)
+        while len(self._models) > self.capacity:
+            evicted, _ = self._models.popitem(last=False)
+            logger.info("unloaded %s (more than %d versions loaded)", evicted, self.capacity)
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        while len(self._models) > capacity:
+            self._models.popitem(last=False)
+
+    async def get(self, key: str, load: Any) -> LoadedModel:
+        """The loaded model for ``key``; ``load()`` (a coroutine function) builds it if absent.
+
+        Concurrent callers of one missing key share one load; a failed load is not cached.
+        """
+        found = self._models.get(key)
+        if found is not None:
+            self._models.move_to_end(key)
+            return found
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._loading[key] = pending
+            # Stored when it finishes, even if every caller waiting for it gave up meanwhile.
+            pending.add_done_callback(lambda done: self._loaded(key, done))
+        return await asyncio.shield(pending)
+
+    def _loaded(self, key: str, done: asyncio.Future[LoadedModel]) -> None:
+        self._loading.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            self.put(key, done.result())
+
+
 @serve.deployment(max_ongoing_requests=64)
 class Stage:
     """Serve wrapper: ``Stage.options(name="Encoder").bind("deployments.encoder:Encoder", {...})``.
@@ -80,21 +150,55 @@ class Stage:
         output_prefix: str = "",
     ) -> None:
         self.stage_class = stage_class
+        self.init_kwargs = dict(init_kwargs or {})
         self.output_prefix = output_prefix
         self.name = serve.get_replica_context().deployment
-        started = time.perf_counter()
-        self.model = build_stage(stage_class, init_kwargs or {})
-        ref = getattr(self.model, "model_ref", None)
-        self.model_info = None if ref is None else {"stage": self.name, **ref.to_dict()}
+        self.model_uri: str | None = self.init_kwargs.get("model_uri")
         self.user_config = StageUserConfig()
+        self.versions = LoadedVersions(self.user_config.max_loaded_versions)
+        self.default = self._build(self.init_kwargs)
+        self.default_key = self._key_of(self.default)
+        self.versions.put(self.default_key, self.default)
         self._recent_batches: collections.deque[tuple[int, int]] = collections.deque(maxlen=512)
+        self._watcher: asyncio.Task[None] | None = None
+        self.last_poll_error: str | None = None
+
+    def _build(self, kwargs: dict[str, Any]) -> LoadedModel:
+        started = time.perf_counter()
+        model = build_stage(self.stage_class, kwargs)
+        ref: ModelRef | None = getattr(model, "model_ref", None)
+        info = None
+        if ref is not None:
+            info = {"stage": self.name, **ref.to_dict(), "uri": self.model_uri or ref.uri}
         logger.info(
             "stage %s loaded %s in %.1fs (model %s)",
             self.name,
-            stage_class,
+            self.stage_class,
             time.perf_counter() - started,
-            self.model_info,
+            info,
         )
+        return LoadedModel(model, info)
+
+    @staticmethod
+    def _key_of(loaded: LoadedModel) -> str:
+        info = loaded.info
+        if info is None or info["version"] == "local":
+            return ""
+        return f"models:/{info['name']}/{info['version']}"
+
+    async def _load(self, pin: str) -> LoadedModel:
+        if self.model_uri is None:
+            raise ValueError(f"stage {self.name} has no registry model to pin to {pin}")
+        name, _, version = parse_model_uri(pin)
+        if version is None or name != parse_model_uri(self.model_uri)[0]:
+            raise ValueError(f"stage {self.name} serves {self.model_uri}; cannot pin to {pin}")
+        return await asyncio.to_thread(self._build, {**self.init_kwargs, "model_uri": pin})
+
+    async def model_for(self, pin: str | None) -> LoadedModel:
+        """The loaded model a call pinned to ``pin`` runs on (None: the replica's default)."""
+        if not pin or pin == self.default_key or self.model_uri is None:
+            return self.default  # a stage built from a folder has no versions to pin
+        return await self.versions.get(pin, lambda: self._load(pin))
 
     # reconfigure/describe/batch_stats are async so they run on the replica's event loop, like
     # the batches whose state they read or change (Serve runs sync methods in a thread pool).
@@ -102,24 +206,61 @@ class Stage:
         self.user_config = StageUserConfig.model_validate(config or {})
         self._run_batch.set_max_batch_size(self.user_config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.user_config.batch_wait_timeout_s)
+        self.versions.resize(self.user_config.max_loaded_versions)
+        if self._watcher is None and self.model_uri and parse_model_uri(self.model_uri)[1]:
+            self._watcher = asyncio.create_task(self._watch_alias())
 
-    async def __call__(self, *inputs: StageOutput | Batch) -> StageOutput:
+    async def _watch_alias(self) -> None:
+        """Preload the version the stage's alias names whenever it moves (never switch to it:
+        which version answers is the caller's pin)."""
+        from servecore.registry import resolve
+
+        assert self.model_uri is not None
+        async for _ in poll_ticks(lambda: self.user_config.registry_poll_s):
+            try:
+                ref = await asyncio.to_thread(resolve, self.model_uri)
+                pin = pinned_uri(ref)
+                if pin != self.default_key and pin not in self.versions:
+                    logger.info("stage %s: %s now names %s; preloading", self.name, ref.uri, pin)
+                    await self.model_for(pin)
+                self.last_poll_error = None
+            except Exception as e:  # noqa: BLE001 - a registry hiccup must not kill the watcher
+                self.last_poll_error = f"{type(e).__name__}: {e}"
+                logger.warning("stage %s: alias poll failed: %s", self.name, e)
+
+    async def warm(self, pin: str | None) -> dict[str, Any] | None:
+        """Load ``pin`` on this replica if it is not loaded yet; returns what it will report."""
+        return (await self.model_for(pin)).info
+
+    async def __call__(self, *inputs: StageOutput | Batch, pin: str | None = None) -> StageOutput:
         merged = merge_inputs(inputs)
-        batch = await self._run_batch(merged.batch)
+        batch, info = await self._run_batch((merged.batch, pin))
         models = dict(merged.models)
-        if self.model_info is not None:
-            models[self.name] = self.model_info
+        if info is not None:
+            models[self.name] = info
         return StageOutput(batch=batch, models=models)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _run_batch(self, batches: list[Batch]) -> list[Batch]:
-        sizes = [num_rows(b) for b in batches]
-        self._recent_batches.append((len(batches), sum(sizes)))
-        combined = concat_batches(batches)
-        output = await asyncio.to_thread(self.model, combined)
-        if self.output_prefix:
-            output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
-        return split_batch(output, sizes)
+    async def _run_batch(
+        self, calls: list[tuple[Batch, str | None]]
+    ) -> list[tuple[Batch, dict[str, Any] | None]]:
+        results: list[tuple[Batch, dict[str, Any] | None] | None] = [None] * len(calls)
+        # Calls pinned to different versions (during a swap, or an A/B test) run as one batch
+        # per version.
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, pin) in enumerate(calls):
+            groups.setdefault(pin or None, []).append(i)
+        for pin, members in groups.items():
+            loaded = await self.model_for(pin)
+            batches = [calls[i][0] for i in members]
+            sizes = [num_rows(b) for b in batches]
+            self._recent_batches.append((len(batches), sum(sizes)))
+            output = await asyncio.to_thread(loaded.model, concat_batches(batches))
+            if self.output_prefix:
+                output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
+            for i, part in zip(members, split_batch(output, sizes), strict=True):
+                results[i] = (part, loaded.info)
+        return [r for r in results if r is not None]
 
     async def describe(self) -> dict[str, Any]:
         """What this replica serves: its stage class, model version and live batching knobs."""
@@ -127,8 +268,15 @@ class Stage:
             "stage": self.name,
             "replica": serve.get_replica_context().replica_id.unique_id,
             "class": self.stage_class,
-            "model": self.model_info,
-            "batching": self.user_config.model_dump(),
+            "model": self.default.info,
+            "loaded_versions": self.versions.keys(),
+            "last_poll_error": self.last_poll_error,
+            "batching": self.user_config.model_dump(
+                include={"max_batch_size", "batch_wait_timeout_s"}
+            ),
+            "versions": self.user_config.model_dump(
+                include={"max_loaded_versions", "registry_poll_s"}
+            ),
             "torch_threads": _torch_threads(),
         }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
@@ -51,6 +51,13 @@ class PredictResponse(BaseModel):
     request_id: str
     predictions: list[Prediction]
     models: list[ModelVersion]
+    variant: str = "champion"
+    """The A/B variant that answered (see ``GET /v1/experiments``)."""
+    degraded: bool = False
+    """True when the backup model answered because the primary pipeline failed or was late."""
+    degraded_reason: str | None = None
+    cached: int = 0
+    """How many of the predictions came from the response cache."""
 
 
 class EmbeddingsRequest(BaseModel):
@@ -91,6 +98,25 @@ class EmbeddingsResponse(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[ModelVersion]
     ensemble_weights: dict[str, float]
+    release: str
+    """The exact versions being served, ``name/version`` joined by commas."""
+    previous_release: str | None = None
+    release_swaps: int = 0
+    """Releases switched to since this gateway replica started."""
+    release_error: str | None = None
+    """Why the last registry poll or release warm-up failed, if it did (the old release stays)."""
+    variants: dict[str, str] = {}
+    """Release of every A/B variant, by variant name."""
+
+
+class ExperimentsResponse(BaseModel):
+    """``GET /v1/experiments``: traffic split, per-variant counters, shadow, fallback, cache."""
+
+    sticky_header: str
+    variants: list[dict[str, Any]]
+    shadow: dict[str, Any]
+    fallback: dict[str, Any]
+    cache: dict[str, Any]
 
 
 class Health(BaseModel):

@@ -54,10 +54,21 @@ class MemberSpec(_Strict):
     """``embedding``: a head over encoder output; ``text``: a model on raw text."""
     model_uri: str
     device: Device = "auto"
+    flavor: Literal["builtin", "pyfunc"] = "builtin"
+    """``builtin``: the project's head or bag-of-words classes. ``pyfunc``: any MLflow pyfunc
+    model on raw text (scikit-learn, ...): fed a one-column DataFrame of texts, it must return
+    one probability per label (see ``deployments/pyfunc_member.py``)."""
+    labels: list[str] | None = None
+    """Order of a pyfunc model's probability columns; default: its ``labels`` metadata, else the
+    columns' own names or the service's label order."""
 
     @model_validator(mode="after")
     def _uri(self) -> MemberSpec:
         _check_uri(self.model_uri)
+        if self.flavor == "pyfunc" and self.input != "text":
+            raise ValueError(f"member {self.name!r}: pyfunc members take input: text")
+        if self.labels is not None and self.flavor != "pyfunc":
+            raise ValueError(f"member {self.name!r}: labels applies to pyfunc members only")
         if self.input == "text" and self.device != "auto":
             raise ValueError(
                 f"member {self.name!r}: device applies to embedding members only; leave it unset"
@@ -153,6 +164,9 @@ class PipelineSpec(_Strict):
             if member.input == "embedding":
                 stage_class = "deployments.heads:ClassifierHead"
                 kwargs: dict[str, Any] = {"model_uri": member.model_uri, "device": member.device}
+            elif member.flavor == "pyfunc":
+                stage_class = "deployments.pyfunc_member:PyfuncMember"
+                kwargs = {"model_uri": member.model_uri, "labels": member.labels}
             else:
                 stage_class = "deployments.bag_of_words:BagOfWords"
                 kwargs = {"model_uri": member.model_uri}

@@ -27,7 +27,11 @@ FAKES = {
 }  # the Ensemble stays real
 
 
-def deploy_fake_graph(overrides: dict[str, tuple[str, dict]], graph_timeout_s: float = 20.0):
+def deploy_fake_graph(
+    overrides: dict[str, tuple[str, dict]],
+    graph_timeout_s: float = 20.0,
+    fallback: dict | None = None,
+):
     from ray import serve
 
     from deployments.gateway import Gateway
@@ -45,7 +49,7 @@ def deploy_fake_graph(overrides: dict[str, tuple[str, dict]], graph_timeout_s: f
     gateway = Gateway.options(
         name="Gateway",
         ray_actor_options=no_resources,
-        user_config={"graph_timeout_s": graph_timeout_s},
+        user_config={"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}},
     ).bind(spec.model_dump(), stages)
     serve.run(gateway, name=APP, route_prefix=f"/{APP}")
 
@@ -92,3 +96,62 @@ def test_a_stage_past_the_deadline_gives_a_503_in_time(faulty):
     assert time.monotonic() - started < 8.0
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "model_unavailable"
+
+
+def _experiments(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/v1/experiments", timeout=10).json()
+
+
+def _fallbacks(base_url: str) -> dict[str, int]:
+    return _experiments(base_url)["fallback"]["fallbacks"]
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Counters grown since ``before`` (the gateway replica may outlive one test's deployment)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
+    fallback = {"stage": "BagOfWords", "deadline_s": 1.0, "failure_threshold": 2, "cooldown_s": 60}
+    slow = {"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 5.0})}
+    deploy_fake_graph(slow, 20.0, fallback)
+    before = _fallbacks(faulty)
+    for _ in range(2):
+        started = time.monotonic()
+        response = _predict(faulty)
+        assert time.monotonic() - started < 4.0
+        assert response.status_code == 200
+        body = response.json()
+        assert body["degraded"] is True
+        assert body["degraded_reason"] == "the primary pipeline missed its 1s deadline"
+        assert body["models"] == []  # the fake backup has no registered model to name
+    # Two misses in a row: the primary is not even called during the cool-down.
+    started = time.monotonic()
+    body = _predict(faulty).json()
+    assert time.monotonic() - started < 1.0
+    assert body["degraded"] and body["degraded_reason"].startswith("circuit open")
+    report = _experiments(faulty)["fallback"]
+    assert _delta(report["fallbacks"], before) == {"deadline": 2, "circuit_open": 1}
+    assert report["circuit"]["state"] == "open" and report["circuit"]["times_opened"] == 1
+
+
+def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
+    fallback = {"stage": "BagOfWords", "deadline_s": 5.0, "failure_threshold": 100}
+    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})}, 20.0, fallback)
+    before = _fallbacks(faulty)
+    response = _predict(faulty)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["degraded"] is True
+    assert body["degraded_reason"].startswith("the primary pipeline failed")
+    assert "secret" not in response.text
+    probabilities = body["predictions"][0]["probabilities"]
+    assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
+    assert _delta(_fallbacks(faulty), before) == {"error": 1}
+
+
+def test_without_a_fallback_the_backup_is_not_used_and_errors_stay_503(faulty):
+    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})})
+    before = _fallbacks(faulty)
+    assert _predict(faulty).status_code == 503
+    assert _delta(_fallbacks(faulty), before) == {}

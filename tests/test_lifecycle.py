@@ -45,8 +45,10 @@ def register_scaled_copy(name: str, factor: float, folder: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def second_linear(registry, tmp_path_factory) -> str:
-    return register_scaled_copy(LINEAR, 0.5, tmp_path_factory.mktemp("variant") / "model")
+def second_linear(registry, tmp_path_factory) -> Iterator[str]:
+    version = register_scaled_copy(LINEAR, 0.5, tmp_path_factory.mktemp("variant") / "model")
+    yield version
+    get_client().delete_model_version(LINEAR, version)  # the registry is shared by the session
 
 
 @pytest.fixture
@@ -185,40 +187,49 @@ def wait_for_release(url: str, version: str, timeout_s: float = 90.0) -> dict[st
     raise AssertionError(f"the gateway never switched to {LINEAR}/{version}: {body}")
 
 
-@pytest.mark.serve
-def test_promote_and_rollback_under_load_fail_nothing_and_never_mix_versions(
-    serve_instance, second_linear, restore_aliases, tmp_path
-):
+@pytest.fixture(scope="module")
+def fast_app(serve_instance, tmp_path_factory) -> Iterator[str]:
+    """The shipped application with one-second registry polls, for this module's Serve tests
+    (each one re-applies the gateway settings it needs: a live reconfigure, no restart)."""
     from ray import serve
 
     from graphs.deploy import deploy, wait_ready
 
-    url = serve_instance.base_url
+    deploy(fast_polling_config(tmp_path_factory.mktemp("config")))
+    wait_ready(serve_instance.base_url)
+    yield serve_instance.base_url
+    serve.delete("intent")
+
+
+@pytest.mark.serve
+def test_promote_and_rollback_under_load_fail_nothing_and_never_mix_versions(
+    fast_app, second_linear, restore_aliases, tmp_path
+):
+    from graphs.deploy import deploy
+
+    url = fast_app
     deploy(fast_polling_config(tmp_path))
-    try:
-        wait_ready(url)
-        first = str(get_client().get_model_version_by_alias(LINEAR, "champion").version)
-        with Load(url) as load:
-            while load.count() < 10:
-                time.sleep(0.1)
-            cli.promote([(LINEAR, second_linear)])
-            promoted = wait_for_release(url, second_linear)
-            seen = load.count()
-            while load.count() < seen + 20:
-                time.sleep(0.1)
-            cli.rollback([LINEAR])
-            rolled_back = wait_for_release(url, first)
-            seen = load.count()
-            while load.count() < seen + 20:
-                time.sleep(0.1)
-    finally:
-        serve.delete("intent")
+    swaps_before = httpx.get(f"{url}/v1/models", timeout=10).json()["release_swaps"]
+    first = str(get_client().get_model_version_by_alias(LINEAR, "champion").version)
+    with Load(url) as load:
+        while load.count() < 10:
+            time.sleep(0.1)
+        cli.promote([(LINEAR, second_linear)])
+        promoted = wait_for_release(url, second_linear)
+        seen = load.count()
+        while load.count() < seen + 20:
+            time.sleep(0.1)
+        cli.rollback([LINEAR])
+        rolled_back = wait_for_release(url, first)
+        seen = load.count()
+        while load.count() < seen + 20:
+            time.sleep(0.1)
 
     failures = [r for r in load.results if r[0] != 200]
     assert failures == [], failures[:3]
     assert promoted["previous_release"] == rolled_back["release"]
     assert rolled_back["previous_release"] == promoted["release"]
-    assert rolled_back["release_swaps"] == 2
+    assert rolled_back["release_swaps"] - swaps_before == 2
 
     # Every answer names exactly one of the two releases, and answers that name the same release
     # carry the same probabilities (the versions named are the versions that computed them).
@@ -256,13 +267,11 @@ def experiments(url: str) -> dict[str, Any]:
 
 @pytest.mark.serve
 def test_ab_split_sticky_counted_live_shadowed_and_cached(
-    serve_instance, second_linear, restore_aliases, tmp_path
+    fast_app, second_linear, restore_aliases, tmp_path
 ):
-    from ray import serve
+    from graphs.deploy import deploy
 
-    from graphs.deploy import deploy, wait_ready
-
-    url = serve_instance.base_url
+    url = fast_app
     first = str(get_client().get_model_version_by_alias(LINEAR, "champion").version)
     cli.promote([(LINEAR, second_linear)], alias="challenger")
     split = {
@@ -274,7 +283,6 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
     shadow = {"variant": "challenger", "fraction": 1.0}
     deploy(fast_polling_config(tmp_path, {"experiment": split, "shadow": shadow}))
     try:
-        wait_ready(url)
         # Sticky: a key keeps its variant; each variant runs its own linear head version.
         keys: dict[str, str] = {}
         for i in range(64):
@@ -309,6 +317,27 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
         deploy(fast_polling_config(tmp_path, {"experiment": split}))
         assert {predict(url, TEXTS, f"user-{i}")["variant"] for i in range(20)} == {"challenger"}
 
+        # A shadow that fails never touches the answers: a variant whose linear head cannot load.
+        (tmp_path / "no-model").mkdir()
+        broken = get_client().create_model_version(LINEAR, source=str(tmp_path / "no-model"))
+        cli.promote([(LINEAR, str(broken.version))], alias="broken")
+        split = {
+            "variants": [
+                {"name": "champion", "alias": "champion", "weight": 1},
+                {"name": "broken", "alias": "broken", "weight": 0},
+            ]
+        }
+        before = experiments(url)["shadow"]
+        failing = {"variant": "broken", "fraction": 1.0}
+        deploy(fast_polling_config(tmp_path, {"experiment": split, "shadow": failing}))
+        answers = [predict(url, [f"where is order {i}?"], f"s{i}") for i in range(10)]
+        assert {a["variant"] for a in answers} == {"champion"}
+        assert all(not a["degraded"] for a in answers)
+        deadline = time.monotonic() + 30
+        while experiments(url)["shadow"]["errors"] <= before["errors"]:
+            assert time.monotonic() < deadline, "the failing shadow calls were never counted"
+            time.sleep(0.5)
+
         # The cache: a repeat is a hit with the same answer; no-cache recomputes the same answer.
         text = ["my parcel arrived   damaged, can I get a refund?"]
         fresh = predict(url, text, "cache-user")
@@ -323,4 +352,7 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
         cache = experiments(url)["cache"]
         assert cache["hits"] >= 1 and cache["bypassed"] >= 1 and cache["entries"] >= 1
     finally:
-        serve.delete("intent")
+        deploy(fast_polling_config(tmp_path))  # back to the plain champion-only gateway
+        for version in get_client().search_model_versions(f"name='{LINEAR}'"):
+            if str(version.source).endswith("no-model"):
+                get_client().delete_model_version(LINEAR, version.version)

@@ -3,6 +3,8 @@ the real (temporary) store, added to the pipeline spec by URI, and served by rea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import numpy as np
 import pandas as pd
@@ -35,7 +37,7 @@ def test_outputs_become_probabilities_in_the_services_label_order():
 
 
 @pytest.fixture(scope="module")
-def sklearn_model(registry) -> str:
+def sklearn_model(registry) -> Iterator[str]:
     """TF-IDF + logistic regression on the training split, registered as a pyfunc that returns
     ``predict_proba`` (columns in ``classes_`` order, recorded as its ``labels`` metadata)."""
     import mlflow
@@ -66,8 +68,10 @@ def sklearn_model(registry) -> str:
             serialization_format="cloudpickle",
         )
     version = str(info.registered_model_version)
-    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)
-    return f"models:/{NAME}@champion"
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(NAME, "champion", version)
+    yield f"models:/{NAME}@champion"
+    client.delete_registered_model(NAME)  # the registry is shared by the session
 
 
 def test_the_member_class_scores_the_test_split(sklearn_model):

@@ -47,9 +47,9 @@ MIN_BLOCKS = 8
 ROWS_PER_BLOCK = 512
 """Rows per read block for large inputs. A block crosses the stages as a unit, so its size sets how
 long the first output waits for the pipeline to fill and how long the last block keeps one actor
-busy while the others idle. Measured on 20,000 texts (2 CPUs): 512-row blocks ran at 0.90 of the
-plain loop in steady state, 256-row blocks at 0.70 (not profiled yet; per-block costs of the read
-and write tasks and six actor hops are the suspects), so not smaller."""
+busy while the others idle. Measured on 20,000 texts (2 CPUs): 512-row blocks ran at 0.89-0.90 of
+the plain loop in steady state, 256-row blocks at 0.70 (not profiled yet; the per-block read and
+write tasks and six actor hops are the suspects), so not smaller."""
 MAX_BLOCKS = 2000
 BYTES_PER_ROW = 100
 """Estimate for CSV and JSON lines, whose row counts are unknown until read."""

@@ -442,15 +442,7 @@ def compute_ratios(
         top, bottom = rates.get(ratio.numerator), rates.get(ratio.denominator)
         value = top / bottom if top is not None and bottom else None
         text = verdict(value, ratio.target, outputs_agree)
-        out[ratio.key] = {
-            "title": ratio.title,
-            "numerator": ratio.numerator,
-            "denominator": ratio.denominator,
-            "value": value,
-            "target": ratio.target,
-            "met": None if ratio.target is None or value is None else text == "MET",
-            "verdict": text,
-        }
+        out[ratio.key] = reporting.ratio_entry(ratio, value, text, "MET")
     return out
 
 

@@ -112,17 +112,23 @@ def compute_ratios(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
             verdict = f"NOT met ({errors} failed requests)"
         else:
             verdict = "met" if value >= ratio.target else "NOT met"
-        out[ratio.key] = {
-            "title": ratio.title,
-            "numerator": ratio.numerator,
-            "denominator": ratio.denominator,
-            "metric": ratio.metric,
-            "value": value,
-            "target": ratio.target,
-            "met": None if ratio.target is None or value is None else verdict == "met",
-            "verdict": verdict,
-        }
+        out[ratio.key] = ratio_entry(ratio, value, verdict, "met", metric=ratio.metric)
     return out
+
+
+def ratio_entry(ratio: Any, value: float | None, verdict: str, met_word: str, **extra: Any) -> dict:
+    """The JSON record of one ratio (``ratio`` has title, numerator, denominator and target);
+    ``met`` is whether ``verdict`` is ``met_word``, None for ratios without a target."""
+    return {
+        "title": ratio.title,
+        "numerator": ratio.numerator,
+        "denominator": ratio.denominator,
+        **extra,
+        "value": value,
+        "target": ratio.target,
+        "met": None if ratio.target is None or value is None else verdict == met_word,
+        "verdict": verdict,
+    }
 
 
 def _ms(value: float | None) -> str:

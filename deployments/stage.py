@@ -228,10 +228,6 @@ class Stage:
                 self.last_poll_error = f"{type(e).__name__}: {e}"
                 logger.warning("stage %s: alias poll failed: %s", self.name, e)
 
-    async def warm(self, pin: str | None) -> dict[str, Any] | None:
-        """Load ``pin`` on this replica if it is not loaded yet; returns what it will report."""
-        return (await self.model_for(pin)).info
-
     async def __call__(self, *inputs: StageOutput | Batch, pin: str | None = None) -> StageOutput:
         merged = merge_inputs(inputs)
         batch, info = await self._run_batch((merged.batch, pin))

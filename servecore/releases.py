@@ -8,7 +8,7 @@ alias of the spec together into a :class:`Release` (alias URI → pinned ``model
 and sends the pinned URI with each stage call. A stage keeps a few versions loaded and computes
 with exactly the pinned one, so every answer comes from one release and names it.
 
-Moving to a new release is done by :class:`ReleaseWatcher`: it polls the registry, waits until two
+The gateway's registry watcher moves to a new release: it polls the registry, waits until two
 polls agree (an operator moving several aliases is seen once, complete), warms the new release
 through the whole graph, and only then makes it current. Until then the old release keeps
 answering.
@@ -17,9 +17,9 @@ answering.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from servecore.registry import ModelRef, parse_model_uri, resolve
 
@@ -49,13 +49,6 @@ class Release:
     """Alias URI → the registered version it named when the release was resolved."""
 
     refs: tuple[ModelRef, ...]
-
-    @classmethod
-    def resolve(cls, uris: Iterable[str], client: MlflowClient | None = None) -> Release:
-        from servecore.registry import get_client
-
-        client = client or get_client()
-        return cls(tuple(resolve(uri, client) for uri in uris))
 
     @classmethod
     def resolve_variant(
@@ -92,27 +85,12 @@ class Release:
         raise KeyError(f"{uri} is not part of this release")
 
     @property
-    def versions(self) -> dict[str, str]:
-        """``{"intent-encoder": "2", ...}``."""
-        return {ref.name: ref.version for ref in self.refs}
-
-    @property
     def key(self) -> str:
         """A short stable name: ``intent-encoder/2,intent-head-linear/3,...``."""
         return ",".join(f"{ref.name}/{ref.version}" for ref in self.refs)
 
     def same_versions(self, other: Release | None) -> bool:
         return other is not None and self.key == other.key
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "models": [ref.to_dict() for ref in self.refs]}
-
-
-def changed(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
-    """Model name → (old version, new version) for every model whose version differs."""
-    return {
-        name: (old.get(name), version) for name, version in new.items() if old.get(name) != version
-    }
 
 
 IDLE_RECHECK_S = 5.0

@@ -18,6 +18,8 @@ import pytest
 from servecore.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemble"]
+"""Deployments of the shipped pipeline spec, in stage order."""
 
 
 def free_port() -> int:

@@ -29,10 +29,9 @@ from batch.adapter import probability_column, stage_of_actor
 from batch.pipeline import JobOptions, run_job
 from servecore import LABELS
 from servecore.dataset import dataset_path
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STAGES
 
 CONFIG = ROOT / "serve_config.yaml"
-STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemble"]
 
 pytestmark = pytest.mark.slow
 

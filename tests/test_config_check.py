@@ -9,7 +9,7 @@ import yaml
 
 from servecore.config_check import check_config, load_app_spec, load_config, main
 from servecore.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STAGES
 
 SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml"]
 
@@ -98,14 +98,7 @@ def test_deployment_rules(tmp_path):
 def test_load_app_spec_returns_the_pipeline_spec():
     spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
     plans = spec.stage_plans()
-    assert [p.deployment for p in plans] == [
-        "Tokenizer",
-        "Encoder",
-        "LinearHead",
-        "MLPHead",
-        "BagOfWords",
-        "Ensemble",
-    ]
+    assert [p.deployment for p in plans] == STAGES
     assert [p.output_prefix for p in plans[2:5]] == ["linear.", "mlp.", "bow."]
     with pytest.raises(ConfigError, match="no application named 'nope'"):
         load_app_spec(ROOT / "serve_config.yaml", "nope")

@@ -195,6 +195,10 @@ def plan_stages(
     return stages
 
 
+class ClusterFull(RuntimeError):
+    """No CPU is free for the job's stages right now (another workload holds them)."""
+
+
 def fit_to_cluster(
     stages: Iterable[BatchStage], free_cpus: float, free_gpus: float
 ) -> tuple[list[BatchStage], list[str]]:
@@ -220,7 +224,7 @@ def fit_to_cluster(
     if demand <= budget:
         return stages, notes
     if budget <= 0:
-        raise RuntimeError(
+        raise ClusterFull(
             f"the cluster has {free_cpus:g} CPUs free; the batch pipeline needs more than "
             f"{RESERVED_CPUS:g} (for its own read and write tasks) plus its stages"
         )

@@ -16,13 +16,14 @@ No ``from __future__ import annotations``: FastAPI must see real classes in the 
 
 import asyncio
 import base64
+import json
 import logging
 import random
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayError
@@ -33,7 +34,13 @@ from deployments.stage import StageOutput
 from servecore import LABELS
 from servecore.batching import split_batch, text_batch
 from servecore.coalescer import Coalescer
-from servecore.errors import InvalidRequest, ModelNotFound, ModelUnavailable, NotReady
+from servecore.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NotReady,
+    TooManyTexts,
+)
 from servecore.experiments import (
     CacheConfig,
     CachedAnswer,
@@ -46,8 +53,10 @@ from servecore.experiments import (
     VariantStats,
 )
 from servecore.http_errors import install_error_handlers, request_id
+from servecore.jobs import JobStore, public_job
 from servecore.releases import Release, poll_ticks, spec_model_uris
 from servecore.schemas import (
+    MAX_JOB_TEXTS,
     EmbeddingData,
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -55,13 +64,17 @@ from servecore.schemas import (
     ErrorResponse,
     ExperimentsResponse,
     Health,
+    JobList,
+    JobRequest,
     ModelsResponse,
     ModelVersion,
     Prediction,
     PredictRequest,
     PredictResponse,
 )
+from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
+from servecore.webhooks import check_target, parse_networks
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +87,14 @@ READY_TIMEOUT_S = 10.0
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 422, 503)
 }
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)
+}
+JobId = Annotated[str, Path(min_length=1, max_length=64)]
+JobStateQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ANONYMOUS = "anonymous"
+"""The owner of jobs submitted without credentials (until API keys exist, every caller)."""
+
 
 app = FastAPI(
     title="Intent serving",
@@ -81,6 +102,22 @@ app = FastAPI(
     description="Customer-support intent routing on Ray Serve, models from the MLflow registry.",
 )
 install_error_handlers(app)
+
+
+class JobsConfig(BaseModel):
+    """Limits of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_texts: int = Field(default=MAX_JOB_TEXTS, ge=1, le=MAX_JOB_TEXTS)
+    """Most texts in one job; a larger list is refused with 413 (send a dataset instead)."""
+    list_page_max: int = Field(default=100, ge=1, le=1000)
+
+
+def caller(request: Request) -> str:
+    """The identity that owns what a request creates (jobs). Authentication sets
+    ``request.state.caller``; without it every caller is :data:`ANONYMOUS`."""
+    return getattr(request.state, "caller", None) or ANONYMOUS
 
 
 class GatewayUserConfig(BaseModel):
@@ -103,6 +140,7 @@ class GatewayUserConfig(BaseModel):
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @model_validator(mode="after")
     def _shadow_variant_exists(self) -> "GatewayUserConfig":
@@ -133,9 +171,17 @@ def _versions(models: dict[str, dict[str, Any]]) -> list[ModelVersion]:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, spec: dict[str, Any], stages: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        stages: dict[str, DeploymentHandle],
+        job_runner: DeploymentHandle | None = None,
+    ) -> None:
         self.spec = PipelineSpec.model_validate(spec)
         self.stages = stages
+        self.job_runner = job_runner
+        self._job_store: JobStore | None = None
+        self._job_producer: Any = None
         self.head_stages = [m.deployment for m in self.spec.members if m.input == "embedding"]
         self.text_stages = [m.deployment for m in self.spec.members if m.input == "text"]
         self.prefixes = {plan.deployment: plan.output_prefix for plan in self.spec.stage_plans()}
@@ -360,28 +406,23 @@ class Gateway:
         shadow_labels = [str(label) for label in output.batch["label"]]
         self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
 
-    # --- routes ------------------------------------------------------------------------------
-
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(self, body: PredictRequest, request: Request) -> Response:
-        """Classify 1–64 texts; every answer names the model versions that produced it.
-
-        ``X-User-Key`` (the experiment's sticky header) keeps a caller on one A/B variant;
-        ``Cache-Control: no-cache`` skips the response cache for this request.
-        """
+    async def _answer(
+        self, texts: list[str], user_key: str | None, use_cache: bool, rid: str
+    ) -> PredictResponse:
+        """Classify ``texts`` as ``/v1/predict`` does: A/B variant, cache, primary pipeline with
+        its fallback, shadow. Text jobs call it through :meth:`classify_texts`."""
         self._ensure_watcher()
         started = time.perf_counter()
-        experiment = self.knobs.experiment
-        variant = experiment.assign(request.headers.get(experiment.sticky_header))
+        variant = self.knobs.experiment.assign(user_key)
         stats = self.variant_stats.setdefault(variant, VariantStats())
         release = self.releases[variant]
-        texts = body.texts
-        bypass = "no-cache" in request.headers.get("cache-control", "").lower()
-        if bypass:
-            self.cache.bypassed += 1
-            cached: list[CachedAnswer | None] = [None] * len(texts)
+        if use_cache:
+            cached: list[CachedAnswer | None] = [
+                self.cache.get(text, release.key) for text in texts
+            ]
         else:
-            cached = [self.cache.get(text, release.key) for text in texts]
+            self.cache.bypassed += 1
+            cached = [None] * len(texts)
         missing = [i for i, hit in enumerate(cached) if hit is None]
         labels: list[str] = [hit.label if hit else "" for hit in cached]
         probs: list[tuple[float, ...]] = [hit.probs if hit else () for hit in cached]
@@ -421,17 +462,35 @@ class Gateway:
             Prediction(label=label, probabilities=dict(zip(LABELS, row, strict=True)))
             for label, row in zip(labels, probs, strict=True)
         ]
-        return _json(
-            PredictResponse(
-                request_id=request_id(request),
-                predictions=predictions,
-                models=_versions(models),
-                variant=variant,
-                degraded=degraded_reason is not None,
-                degraded_reason=degraded_reason,
-                cached=len(texts) - len(missing),
-            )
+        return PredictResponse(
+            request_id=rid,
+            predictions=predictions,
+            models=_versions(models),
+            variant=variant,
+            degraded=degraded_reason is not None,
+            degraded_reason=degraded_reason,
+            cached=len(texts) - len(missing),
         )
+
+    async def classify_texts(self, texts: list[str], user_key: str | None = None) -> dict[str, Any]:
+        """Handle method for the job runner: one chunk of a texts job, answered exactly as
+        ``/v1/predict`` answers (returned as a plain dict)."""
+        answer = await self._answer(texts, user_key, use_cache=True, rid="job")
+        return answer.model_dump(exclude={"request_id"})
+
+    # --- routes ------------------------------------------------------------------------------
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(self, body: PredictRequest, request: Request) -> Response:
+        """Classify 1–64 texts; every answer names the model versions that produced it.
+
+        ``X-User-Key`` (the experiment's sticky header) keeps a caller on one A/B variant;
+        ``Cache-Control: no-cache`` skips the response cache for this request.
+        """
+        use_cache = "no-cache" not in request.headers.get("cache-control", "").lower()
+        user_key = request.headers.get(self.knobs.experiment.sticky_header)
+        answer = await self._answer(body.texts, user_key, use_cache, request_id(request))
+        return _json(answer)
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
     async def embeddings(self, body: EmbeddingsRequest, request: Request) -> Response:
@@ -524,6 +583,122 @@ class Gateway:
                 "circuit": self.breaker.to_dict(),
             },
             cache=self.cache.to_dict(),
+        )
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def _jobs(self) -> JobStore:
+        if self._job_store is None:
+            self._job_store = JobStore(get_settings().job_store)
+        return self._job_store
+
+    def _send_job(self, job_id: str) -> None:
+        from deployments.job_runner import JobProducer
+
+        if self._job_producer is None:
+            self._job_producer = JobProducer(get_settings())
+        self._job_producer.send(job_id)
+        self._jobs().mark_enqueued(job_id)
+
+    def _check_job(self, body: JobRequest) -> tuple[dict[str, Any], int]:
+        """Validate a submission beyond its schema; returns the stored request and its size."""
+        settings = get_settings()
+        if body.callback_url is not None:
+            if settings.webhook_secret is None:
+                raise InvalidRequest(
+                    "callback_url: webhooks are off on this server (no signing secret is set)"
+                )
+            allow = parse_networks([n for n in settings.webhook_allow.split(",") if n.strip()])
+            check_target(body.callback_url, allow)
+        if body.texts is not None:
+            limit = self.knobs.jobs.max_texts
+            if len(body.texts) > limit:
+                raise TooManyTexts(
+                    f"texts: {len(body.texts)} texts, at most {limit} per job; "
+                    "send a dataset for more"
+                )
+            return {"texts": body.texts}, len(body.texts)
+        from deployments.job_runner import dataset_path
+
+        assert body.dataset is not None
+        dataset_path(settings, body.dataset.path)  # refuses paths outside the data folder
+        return {"dataset": body.dataset.model_dump()}, 0
+
+    @app.post("/v1/jobs", status_code=202, responses=JOB_ERRORS)
+    async def submit_job(
+        self,
+        body: JobRequest,
+        request: Request,
+        idempotency_key: str | None = Header(default=None, max_length=200),
+    ) -> Response:
+        """Queue texts (scored by the online pipeline graph) or a dataset (scored by the Ray Data
+        batch pipeline); answers 202 with the job and its ``Location``.
+
+        The same ``Idempotency-Key`` with the same body returns the same job (header
+        ``Idempotent-Replayed: true``); with another body it is a 409. ``callback_url`` receives
+        a signed POST when the job ends. ``X-User-Key`` picks the A/B variant of a texts job.
+        """
+        stored, total = await asyncio.to_thread(self._check_job, body)
+        user_key = request.headers.get(self.knobs.experiment.sticky_header)
+        if user_key is not None and "texts" in stored:
+            stored["user_key"] = user_key
+        job, created = await asyncio.to_thread(
+            lambda: self._jobs().create(
+                owner=caller(request),
+                kind="texts" if body.texts is not None else "dataset",
+                request=stored,
+                total=total,
+                idempotency_key=idempotency_key,
+                callback_url=body.callback_url,
+            )
+        )
+        if created:
+            try:
+                await asyncio.to_thread(self._send_job, job.id)
+            except Exception as e:  # noqa: BLE001 - the job is stored; the reaper sends it later
+                logger.warning("job %s stored but not sent yet: %r", job.id, e)
+        headers = {"Location": f"{request.scope.get('root_path', '')}/v1/jobs/{job.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(
+            json.dumps(public_job(job)),
+            status_code=202,
+            media_type="application/json",
+            headers=headers,
+        )
+
+    @app.get("/v1/jobs", response_model=JobList, responses=JOB_ERRORS)
+    async def list_jobs(
+        self,
+        request: Request,
+        limit: int = Query(default=20, ge=1, le=1000),
+        after: str | None = Query(default=None, max_length=64),
+        state: JobStateQuery | None = None,
+    ) -> JobList:
+        """Your jobs, newest first, without results; ``after`` is the previous page's
+        ``next_cursor``."""
+        limit = min(limit, self.knobs.jobs.list_page_max)
+        jobs, cursor = await asyncio.to_thread(
+            lambda: self._jobs().page(caller(request), limit=limit, after=after, state=state)
+        )
+        return JobList(jobs=[public_job(j, with_result=False) for j in jobs], next_cursor=cursor)
+
+    @app.get("/v1/jobs/{job_id}", responses=JOB_ERRORS)
+    async def get_job(self, job_id: JobId, request: Request) -> Response:
+        """State, progress, timestamps, webhook deliveries and, once done, the result (texts:
+        predictions and model versions; datasets: where the output is)."""
+        job = await asyncio.to_thread(lambda: self._jobs().get(job_id, caller(request)))
+        return Response(json.dumps(public_job(job)), media_type="application/json")
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, responses=JOB_ERRORS)
+    async def cancel_job(self, job_id: JobId, request: Request) -> Response:
+        """Cancel: a queued job at once, a running one at its next chunk (``cancel_requested``
+        until then). A finished job answers 409."""
+        job = await asyncio.to_thread(lambda: self._jobs().cancel(job_id, caller(request)))
+        return Response(
+            json.dumps(public_job(job, with_result=False)),
+            status_code=202,
+            media_type="application/json",
         )
 
     @app.get("/healthz", response_model=Health)

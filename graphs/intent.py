@@ -1,5 +1,5 @@
 """The intent-routing application: gateway → tokenizer → encoder → heads ⇉ ensemble, plus a
-bag-of-words model on the raw text in parallel.
+bag-of-words model on the raw text in parallel, and the job runner that serves ``/v1/jobs``.
 
 ``serve_config.yaml`` names ``graphs.intent:build_app`` with the pipeline spec as ``args``.
 Resources and live knobs of each deployment are set in the config's ``deployments`` section; the
@@ -13,7 +13,9 @@ from pydantic import BaseModel
 from ray.serve import Application
 
 from deployments.gateway import Gateway, GatewayUserConfig
+from deployments.job_runner import JobRunnerUserConfig, job_runner_deployment
 from deployments.stage import Stage, StageUserConfig
+from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
 
 
@@ -24,10 +26,17 @@ def build_app(args: PipelineSpec) -> Application:
         stages[plan.deployment] = Stage.options(
             name=plan.deployment, ray_actor_options={"num_cpus": cpus, "num_gpus": 0}
         ).bind(plan.stage_class, plan.init_kwargs, plan.output_prefix)
+    runner = job_runner_deployment(get_settings()).options(
+        ray_actor_options={"num_cpus": 0, "num_gpus": 0}
+    )
     gateway = Gateway.options(name="Gateway", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
-    return gateway.bind(args.model_dump(), stages)
+    return gateway.bind(args.model_dump(), stages, runner.bind())
 
 
 def user_config_schema(deployment: str) -> type[BaseModel]:
     """Live-knob model of a deployment (for ``servecore.config_check``)."""
-    return GatewayUserConfig if deployment == "Gateway" else StageUserConfig
+    if deployment == "Gateway":
+        return GatewayUserConfig
+    if deployment == "JobRunner":
+        return JobRunnerUserConfig
+    return StageUserConfig

@@ -36,6 +36,13 @@ class InvalidRequest(ServingError):
     error_type = "validation_error"
 
 
+class TooManyTexts(ServingError):
+    """More texts than one request or job may carry."""
+
+    status_code = 413
+    error_type = "too_many_texts"
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "model_not_found"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 MAX_TEXTS_PER_REQUEST = 64
 MAX_TEXT_CHARS = 2000
@@ -131,3 +131,51 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+MAX_JOB_TEXTS = 10_000
+"""Hard ceiling of texts in one job; the gateway's ``jobs.max_texts`` knob may lower it."""
+
+
+class DatasetInput(BaseModel):
+    """A dataset for a batch job: a file or glob under the server's jobs data folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=1024)
+    """Parquet, CSV or JSON lines, relative to the jobs data folder (absolute paths must lie
+    inside it)."""
+    text_column: str = Field(default="text", min_length=1, max_length=200)
+    id_column: str = Field(default="id", min_length=1, max_length=200)
+
+
+class JobRequest(BaseModel):
+    """Either ``texts`` (scored by the online pipeline graph) or ``dataset`` (scored by the Ray
+    Data batch pipeline), with an optional completion webhook."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["I was charged twice", "where is my parcel?"]},
+                {"dataset": {"path": "tickets.parquet"}, "callback_url": "https://example.com/h"},
+            ]
+        },
+    )
+
+    texts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_JOB_TEXTS)
+    dataset: DatasetInput | None = None
+    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> JobRequest:
+        if (self.texts is None) == (self.dataset is None):
+            raise ValueError("send exactly one of texts or dataset")
+        return self
+
+
+class JobList(BaseModel):
+    jobs: list[dict[str, Any]]
+    """Newest first, without results (fetch one job for its result)."""
+    next_cursor: str | None
+    """Pass as ``after`` for the next page; null on the last page."""

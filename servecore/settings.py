@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,56 @@ class Settings(BaseSettings):
 
     model_cache_dir: Path | None = None
     """Where remote artifacts are downloaded, once per version; default ``home/.cache/models``."""
+
+    jobs_dir: Path | None = None
+    """Folder of the embedded job store and broker, and of dataset job outputs; default
+    ``home/.jobs``."""
+
+    jobs_store_url: str | None = None
+    """SQLAlchemy URL of the job store; unset means ``jobs.db`` in the jobs folder (one machine).
+    Runners on several nodes need a shared database (``postgresql://...``)."""
+
+    jobs_broker_url: str | None = None
+    """Celery broker of the job queue; unset means the filesystem broker in the jobs folder
+    (no server, one machine). Production: ``redis://host:6379/0``."""
+
+    jobs_queue: str = "intent-jobs"
+    """Queue name on the broker."""
+
+    jobs_data_dir: Path | None = None
+    """Dataset jobs may only read under this folder; default ``home/data``."""
+
+    jobs_output_dir: Path | None = None
+    """Where dataset jobs write their output, one folder per job; default ``outputs`` in the jobs
+    folder."""
+
+    webhook_secret: SecretStr | None = None
+    """HMAC-SHA256 key that signs job callbacks; jobs with a ``callback_url`` are refused while
+    it is unset."""
+
+    webhook_allow: str = ""
+    """Comma-separated networks that callbacks may reach although they are private or loopback
+    (e.g. ``10.1.0.0/16``); empty allows public addresses only."""
+
+    @property
+    def jobs_home(self) -> Path:
+        return self.jobs_dir or self.home / ".jobs"
+
+    @property
+    def job_store(self) -> str:
+        return self.jobs_store_url or f"sqlite:///{(self.jobs_home / 'jobs.db').resolve()}"
+
+    @property
+    def job_broker(self) -> str:
+        return self.jobs_broker_url or "filesystem://"
+
+    @property
+    def job_data_dir(self) -> Path:
+        return (self.jobs_data_dir or self.home / "data").resolve()
+
+    @property
+    def job_output_dir(self) -> Path:
+        return (self.jobs_output_dir or self.jobs_home / "outputs").resolve()
 
     @property
     def tracking_uri(self) -> str:

@@ -44,6 +44,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     os.environ["INTENT_SERVING_MODEL_CACHE_DIR"] = str(home / "cache")
+    # Jobs of the shipped app (store, filesystem broker, outputs) stay out of the checkout.
+    os.environ["INTENT_SERVING_JOBS_DIR"] = str(home / "jobs")
     get_settings.cache_clear()
     weights, members = bootstrap.default_members(ROOT / "serve_config.yaml", "intent")
     data = bootstrap.Data(*load_split("train"), *load_split("test"))

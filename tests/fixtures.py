@@ -13,6 +13,16 @@ import numpy as np
 from servecore import LABELS
 from servecore.batching import Batch, num_rows
 
+FAKE_STAGES = {
+    "Tokenizer": ("tests.fixtures:FakeTokenizer", {}),
+    "Encoder": ("tests.fixtures:FakeEncoder", {}),
+    "LinearHead": ("tests.fixtures:UniformModel", {}),
+    "MLPHead": ("tests.fixtures:UniformModel", {}),
+    "BagOfWords": ("tests.fixtures:UniformModel", {}),
+}
+"""Stage class and kwargs per deployment of the shipped spec, for a graph that deploys in seconds
+(the ensemble stays real)."""
+
 
 class FakeTokenizer:
     def __call__(self, batch: Batch) -> Batch:

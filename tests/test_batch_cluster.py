@@ -123,7 +123,7 @@ def _alive_encoder(since_ms: float) -> int | None:
 
 @pytest.mark.serve
 def test_killing_a_stage_actor_mid_job_still_scores_every_row_once(serve_instance, tmp_path):
-    ids = write_input(tmp_path / "input.parquet", copies=6)
+    ids = write_input(tmp_path / "input.parquet", copies=3)
     out = tmp_path / "out"
     options = JobOptions(
         input=str(tmp_path / "input.parquet"),

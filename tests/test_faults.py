@@ -14,17 +14,11 @@ import pytest
 from servecore import LABELS
 from servecore.config_check import load_app_spec
 from tests.conftest import ROOT
+from tests.fixtures import FAKE_STAGES
 
 pytestmark = pytest.mark.serve
 
 APP = "faulty"
-FAKES = {
-    "Tokenizer": ("tests.fixtures:FakeTokenizer", {}),
-    "Encoder": ("tests.fixtures:FakeEncoder", {}),
-    "LinearHead": ("tests.fixtures:UniformModel", {}),
-    "MLPHead": ("tests.fixtures:UniformModel", {}),
-    "BagOfWords": ("tests.fixtures:UniformModel", {}),
-}  # the Ensemble stays real
 
 
 def deploy_fake_graph(
@@ -42,7 +36,7 @@ def deploy_fake_graph(
     stages = {}
     for plan in spec.stage_plans():
         real = (plan.stage_class, plan.init_kwargs)
-        stage_class, kwargs = overrides.get(plan.deployment, FAKES.get(plan.deployment, real))
+        stage_class, kwargs = overrides.get(plan.deployment, FAKE_STAGES.get(plan.deployment, real))
         stages[plan.deployment] = Stage.options(
             name=plan.deployment, ray_actor_options=no_resources
         ).bind(stage_class, kwargs, plan.output_prefix)

@@ -1,0 +1,259 @@
+"""Asynchronous jobs against the real application: real Serve, real models, the embedded
+filesystem broker through Ray Serve's task consumer, a real webhook receiver, real Ray Data."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from servecore.dataset import load_split
+from servecore.jobs import JobStore
+from servecore.settings import get_settings
+from servecore.webhooks import SIGNATURE_HEADER, verify
+from tests.jobs_support import (
+    SECRET,
+    jobs_config,
+    jobs_env,
+    store_url,
+    wait_job,
+    wait_until,
+    webhook_receiver,
+)
+
+pytestmark = pytest.mark.serve
+
+MAX_TEXTS = 300
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """This module's job settings, in the test process too (for the store it inspects)."""
+    values = jobs_env(tmp_path_factory.mktemp("jobs"))
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    get_settings.cache_clear()
+    yield values
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def url(serve_instance, env, tmp_path_factory) -> Iterator[str]:
+    from ray import serve
+
+    from graphs.deploy import deploy, wait_ready
+
+    path = tmp_path_factory.mktemp("config") / "serve_config.yaml"
+    deploy(jobs_config(env, path, gateway={"jobs": {"max_texts": MAX_TEXTS}}))
+    wait_ready(serve_instance.base_url)
+    yield serve_instance.base_url
+    serve.delete("intent")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return load_split("test")[0]
+
+
+def online(url: str, texts: list[str]) -> list[dict]:
+    """What ``/v1/predict`` answers for ``texts`` (64 at a time, cache bypassed)."""
+    out = []
+    for start in range(0, len(texts), 64):
+        response = httpx.post(
+            f"{url}/v1/predict",
+            json={"texts": texts[start : start + 64]},
+            headers={"Cache-Control": "no-cache"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        out += response.json()["predictions"]
+    return out
+
+
+def assert_same_answers(job_predictions: list[dict], expected: list[dict]) -> None:
+    assert [p["label"] for p in job_predictions] == [p["label"] for p in expected]
+    got = np.array([list(p["probabilities"].values()) for p in job_predictions])
+    want = np.array([list(p["probabilities"].values()) for p in expected])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def submit(url: str, body: dict, key: str | None = None) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=30)
+
+
+def test_texts_job_answers_like_predict_and_calls_back_signed(url, texts):
+    batch = texts[:150]
+    with webhook_receiver(fail_first=1) as (hook, received):
+        response = submit(url, {"texts": batch, "callback_url": hook}, key="order-1")
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert job["state"] in ("queued", "running") and job["input"] == {"texts": 150}
+
+        replay = submit(url, {"texts": batch, "callback_url": hook}, key="order-1")
+        assert replay.status_code == 202 and replay.json()["id"] == job["id"]
+        assert replay.headers["idempotent-replayed"] == "true"
+
+        done = wait_job(url, job["id"])
+        assert done["state"] == "succeeded", done
+        assert (done["done"], done["total"], done["progress"], done["attempts"]) == (150, 150, 1, 1)
+        assert (
+            done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
+        )
+        result = done["result"]
+        assert_same_answers(result["predictions"], online(url, batch))
+        assert {m["stage"] for m in result["models"]} >= {"Encoder", "LinearHead", "BagOfWords"}
+        assert result["releases"][0]["start"] == 0 and result["releases"][-1]["end"] == 150
+
+        # The first delivery got a 500; the retry (after backoff) was accepted.
+        wait_until(lambda: len(received.received) >= 2, 30, "the retried webhook")
+        for headers, body in received.received:
+            assert verify(SECRET, headers[SIGNATURE_HEADER], body)
+            assert headers["X-Intent-Event"] == "job.succeeded"
+        payload = json.loads(received.received[-1][1])
+        assert payload["job"]["id"] == job["id"] and payload["job"]["state"] == "succeeded"
+        assert len(payload["job"]["result"]["predictions"]) == 150
+
+        final = wait_until(
+            lambda: (
+                (j := httpx.get(f"{url}/v1/jobs/{job['id']}").json())["webhook_state"]
+                == "delivered"
+                and j
+            ),
+            10,
+            "the delivery record",
+        )
+        assert [d["status_code"] for d in final["deliveries"]] == [500, 200]
+
+
+def test_jobs_are_listed_newest_first_in_pages(url):
+    ids = [submit(url, {"texts": [f"where is my parcel {i}?"]}).json()["id"] for i in range(3)]
+    page = httpx.get(f"{url}/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    assert all("result" not in j for j in page["jobs"])
+    rest = httpx.get(f"{url}/v1/jobs", params={"limit": 2, "after": page["next_cursor"]}).json()
+    assert rest["jobs"][0]["id"] == ids[0]
+    for job_id in ids:
+        assert wait_job(url, job_id)["state"] == "succeeded"
+
+
+def test_cancel_stops_a_job_and_a_finished_job_cannot_be_cancelled(url, texts):
+    job = submit(url, {"texts": texts[:MAX_TEXTS]}).json()
+    response = httpx.delete(f"{url}/v1/jobs/{job['id']}")
+    assert response.status_code == 202, response.text
+    done = wait_job(url, job["id"])
+    assert done["state"] == "cancelled" and done["result"] is None
+    again = httpx.delete(f"{url}/v1/jobs/{job['id']}")
+    assert again.status_code == 409 and again.json()["error"]["type"] == "job_finished"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "message"),
+    [
+        ({}, 422, "validation_error", "body: Value error, send exactly one of texts or dataset"),
+        ({"texts": ["hi"], "dataset": {"path": "x.parquet"}}, 422, "validation_error",
+         "body: Value error, send exactly one of texts or dataset"),
+        ({"texts": []}, 422, "validation_error",
+         "texts: List should have at least 1 item after validation, not 0"),
+        ({"texts": ["hi"] * (MAX_TEXTS + 1)}, 413, "too_many_texts",
+         f"texts: {MAX_TEXTS + 1} texts, at most {MAX_TEXTS} per job; send a dataset for more"),
+        ({"texts": ["hi"], "callback_url": "http://10.0.0.7/hook"}, 422, "validation_error",
+         "callback_url host '10.0.0.7' resolves to 10.0.0.7, a private or reserved address; "
+         "allow it explicitly in the webhook settings"),
+        ({"texts": ["hi"], "callback_url": "file:///etc/passwd"}, 422, "validation_error",
+         "callback_url must be an absolute http:// or https:// URL"),
+        ({"dataset": {"path": "../../../etc/passwd"}}, 422, "validation_error", None),
+        ({"dataset": {"path": "missing.parquet"}}, 422, "validation_error",
+         "dataset.path 'missing.parquet' does not exist in the jobs data folder"),
+    ],
+)  # fmt: skip
+def test_bad_job_requests_get_a_clear_4xx(url, body, status, error_type, message):
+    response = submit(url, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == error_type
+    if message is not None:
+        assert error["message"] == message
+    else:
+        assert "must lie inside the jobs data folder" in error["message"]
+
+
+def test_unknown_jobs_and_bad_queries(url):
+    for method in ("GET", "DELETE"):
+        response = httpx.request(method, f"{url}/v1/jobs/no-such-job")
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "job_not_found"
+    assert httpx.get(f"{url}/v1/jobs", params={"limit": 0}).status_code == 422
+    assert httpx.get(f"{url}/v1/jobs", params={"state": "done"}).status_code == 422
+    assert httpx.get(f"{url}/v1/jobs", params={"after": "nope"}).status_code == 404
+    # Another key for the same body is another job; the same key with another body a conflict.
+    first = submit(url, {"texts": ["refund please"]}, key="k-2")
+    assert first.status_code == 202
+    conflict = submit(url, {"texts": ["something else"]}, key="k-2")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["type"] == "idempotency_conflict"
+    wait_job(url, first.json()["id"])
+
+
+def _runner_actors() -> list:
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "JobRunner" in a["name"]]
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
+
+
+def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, env, texts):
+    import ray
+
+    store = JobStore(store_url(env))
+    cycled = texts * 4  # the test split has 210 texts; each job gets its own 128 in a new order
+    slices = [cycled[i * 37 : i * 37 + 128] for i in range(5)]
+    ids = [submit(url, {"texts": s}).json()["id"] for s in slices]
+    wait_until(
+        lambda: any(store.get(i).state == "running" for i in ids), 60, "a job to start", 0.05
+    )
+    replicas = _runner_actors()
+    assert replicas, "no JobRunner replica found"
+    for replica in replicas:
+        ray.kill(replica, no_restart=True)  # Serve starts a new replica; Celery loses its thread
+
+    finished = [wait_job(url, job_id, timeout_s=180) for job_id in ids]
+    assert [j["state"] for j in finished] == ["succeeded"] * len(ids), finished
+    assert max(j["attempts"] for j in finished) >= 2  # the job that was running was taken over
+    for job, batch in zip(finished, slices, strict=True):
+        assert len(job["result"]["predictions"]) == len(batch)  # one result, no duplicated rows
+        assert_same_answers(job["result"]["predictions"], online(url, batch))
+
+
+def test_dataset_job_runs_the_batch_pipeline(url, env, texts):
+    data_dir = env["INTENT_SERVING_JOBS_DATA_DIR"]
+    rows = texts[:96]
+    table = pa.table({"id": [f"t-{i}" for i in range(len(rows))], "text": rows})
+    table = pa.concat_tables(
+        [table, pa.table({"id": ["bad-1"], "text": pa.array([""], pa.string())})]
+    )
+    pq.write_table(table, f"{data_dir}/tickets.parquet")
+    response = submit(url, {"dataset": {"path": "tickets.parquet"}})
+    assert response.status_code == 202, response.text
+    done = wait_job(url, response.json()["id"], timeout_s=400)
+    assert done["state"] == "succeeded", done
+    result = done["result"]
+    assert (result["rows_scored"], result["rows_rejected"]) == (96, 1)
+    assert done["done"] == 97 and done["total"] == 97
+    scored = pq.read_table(result["predictions"]).to_pandas().sort_values("id")
+    by_id = dict(zip(scored["id"], scored["label"], strict=True))
+    expected = online(url, rows)
+    assert [by_id[f"t-{i}"] for i in range(len(rows))] == [p["label"] for p in expected]
+    assert set(result["model_versions"]) >= {"Encoder", "LinearHead"}

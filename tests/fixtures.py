@@ -7,6 +7,7 @@ around them unchanged.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -56,3 +57,32 @@ class SlowModel(UniformModel):
     def __call__(self, batch: Batch) -> Batch:
         time.sleep(self.seconds)
         return super().__call__(batch)
+
+
+def fake_graph(
+    spec: Any,
+    overrides: dict[str, tuple[str, dict]] | None = None,
+    gateway_config: dict | None = None,
+    actor_options: dict | None = None,
+    job_runner: Any = None,
+) -> Any:
+    """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application.
+
+    ``overrides`` replaces stages by deployment name; stages in neither (the ensemble, extra
+    members) run their real class from the spec. Every replica asks for no CPU.
+    """
+    from deployments.gateway import Gateway
+    from deployments.stage import Stage
+
+    options = actor_options or {"num_cpus": 0, "num_gpus": 0}
+    chosen = {**FAKE_STAGES, **(overrides or {})}
+    stages = {}
+    for plan in spec.stage_plans():
+        stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
+        stages[plan.deployment] = Stage.options(
+            name=plan.deployment, ray_actor_options=options
+        ).bind(stage_class, kwargs, plan.output_prefix)
+    gateway = Gateway.options(
+        name="Gateway", ray_actor_options=options, user_config=gateway_config or {}
+    )
+    return gateway.bind(spec.model_dump(), stages, job_runner)

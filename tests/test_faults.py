@@ -14,7 +14,7 @@ import pytest
 from servecore import LABELS
 from servecore.config_check import load_app_spec
 from tests.conftest import ROOT
-from tests.fixtures import FAKE_STAGES
+from tests.fixtures import fake_graph
 
 pytestmark = pytest.mark.serve
 
@@ -28,24 +28,9 @@ def deploy_fake_graph(
 ):
     from ray import serve
 
-    from deployments.gateway import Gateway
-    from deployments.stage import Stage
-
     spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
-    no_resources = {"num_cpus": 0, "num_gpus": 0}
-    stages = {}
-    for plan in spec.stage_plans():
-        real = (plan.stage_class, plan.init_kwargs)
-        stage_class, kwargs = overrides.get(plan.deployment, FAKE_STAGES.get(plan.deployment, real))
-        stages[plan.deployment] = Stage.options(
-            name=plan.deployment, ray_actor_options=no_resources
-        ).bind(stage_class, kwargs, plan.output_prefix)
-    gateway = Gateway.options(
-        name="Gateway",
-        ray_actor_options=no_resources,
-        user_config={"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}},
-    ).bind(spec.model_dump(), stages)
-    serve.run(gateway, name=APP, route_prefix=f"/{APP}")
+    config = {"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}}
+    serve.run(fake_graph(spec, overrides, config), name=APP, route_prefix=f"/{APP}")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -13,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batch.adapter import stage_of_actor
 from servecore.dataset import load_split
 from servecore.jobs import JobStore
 from servecore.settings import get_settings
@@ -237,23 +241,53 @@ def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, env, t
         assert_same_answers(job["result"]["predictions"], online(url, batch))
 
 
-def test_dataset_job_runs_the_batch_pipeline(url, env, texts):
-    data_dir = env["INTENT_SERVING_JOBS_DATA_DIR"]
-    rows = texts[:96]
-    table = pa.table({"id": [f"t-{i}" for i in range(len(rows))], "text": rows})
-    table = pa.concat_tables(
-        [table, pa.table({"id": ["bad-1"], "text": pa.array([""], pa.string())})]
-    )
-    pq.write_table(table, f"{data_dir}/tickets.parquet")
+def _alive_encoder(since_ms: float) -> int | None:
+    """PID of a live Ray Data encoder actor started after ``since_ms``, from Ray's actor table."""
+    from ray._private import state
+
+    for actor in state.actors().values():
+        if (
+            stage_of_actor(actor.get("ActorClassName", ""), ["Encoder"])
+            and actor.get("State") == "ALIVE"
+            and actor.get("StartTime", 0) >= since_ms
+            and actor.get("Pid")
+        ):
+            return int(actor["Pid"])
+    return None
+
+
+def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, env, texts):
+    """A dataset job runs the batch path's Ray Data pipeline inside the runner. Mid-job its
+    encoder actor's process is SIGKILLed (as the OOM killer would): Ray Data restarts the actor
+    and every row is still scored exactly once (issue 3's worker-failure point, via the API)."""
+    rows = texts * 2
+    ids = [f"t-{i}" for i in range(len(rows))]
+    table = pa.table({"id": [*ids, "bad-1"], "text": pa.array([*rows, ""], pa.string())})
+    pq.write_table(table, Path(env["INTENT_SERVING_JOBS_DATA_DIR"]) / "tickets.parquet")
+    since_ms = time.time() * 1000
     response = submit(url, {"dataset": {"path": "tickets.parquet"}})
     assert response.status_code == 202, response.text
-    done = wait_job(url, response.json()["id"], timeout_s=400)
+    job_id = response.json()["id"]
+
+    written = Path(env["INTENT_SERVING_JOBS_DIR"]) / "outputs" / job_id / "attempt-1"
+    victim = wait_until(
+        lambda: any((written / "predictions").glob("*.parquet")) and _alive_encoder(since_ms),
+        400,
+        "the first scored block",
+    )
+    os.kill(victim, signal.SIGKILL)
+
+    done = wait_job(url, job_id, timeout_s=400)
     assert done["state"] == "succeeded", done
+    assert done["attempts"] == 1  # the actor failed, not the runner: no second attempt
     result = done["result"]
-    assert (result["rows_scored"], result["rows_rejected"]) == (96, 1)
-    assert done["done"] == 97 and done["total"] == 97
-    scored = pq.read_table(result["predictions"]).to_pandas().sort_values("id")
+    assert (result["rows_scored"], result["rows_rejected"]) == (len(rows), 1)
+    assert done["done"] == done["total"] == len(rows) + 1
+    summary = json.loads(Path(result["summary"]).read_text())
+    assert summary["stage_actors"]["Encoder"]["restarts"] >= 1
+    scored = pq.read_table(result["predictions"]).to_pandas()
+    assert sorted(scored["id"]) == sorted(ids)  # every row once
     by_id = dict(zip(scored["id"], scored["label"], strict=True))
-    expected = online(url, rows)
-    assert [by_id[f"t-{i}"] for i in range(len(rows))] == [p["label"] for p in expected]
+    expected = [p["label"] for p in online(url, texts)] * 2
+    assert [by_id[i] for i in ids] == expected
     assert set(result["model_versions"]) >= {"Encoder", "LinearHead"}

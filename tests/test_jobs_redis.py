@@ -20,14 +20,14 @@ from servecore import LABELS
 from servecore.config_check import load_app_spec
 from servecore.settings import Settings, get_settings
 from tests.conftest import ROOT, free_port
-from tests.fixtures import FAKE_STAGES
+from tests.fixtures import fake_graph
 from tests.jobs_support import FAST_RUNNER, jobs_env, store_url, wait_job, wait_until
 
 pytestmark = pytest.mark.serve
 
 APP = "jobs-redis"
 # A slow member keeps each job busy long enough for the backlog to be seen.
-FAKES = {**FAKE_STAGES, "BagOfWords": ("tests.fixtures:SlowModel", {"seconds": 0.25})}
+SLOW_MEMBER = {"BagOfWords": ("tests.fixtures:SlowModel", {"seconds": 0.25})}
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,7 @@ def _pings(client) -> bool:
 def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     from ray import serve
 
-    from deployments.gateway import Gateway
     from deployments.job_runner import job_runner_deployment
-    from deployments.stage import Stage
 
     env = jobs_env(tmp_path_factory.mktemp("jobs-redis"), broker_url=redis_url)
     options = {
@@ -84,12 +82,6 @@ def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict
         "runtime_env": {"env_vars": {**env, "PYTHONPATH": str(ROOT)}},
     }
     spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
-    stages = {}
-    for plan in spec.stage_plans():
-        stage_class, kwargs = FAKES.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
-        stages[plan.deployment] = Stage.options(
-            name=plan.deployment, ray_actor_options=options
-        ).bind(stage_class, kwargs, plan.output_prefix)
     runner = job_runner_deployment(Settings(**_settings_fields(env))).options(
         ray_actor_options=options,
         user_config={**FAST_RUNNER, "chunk_size": 16},
@@ -107,9 +99,7 @@ def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict
             },
         },
     )
-    gateway = Gateway.options(name="Gateway", ray_actor_options=options).bind(
-        spec.model_dump(), stages, runner.bind()
-    )
+    gateway = fake_graph(spec, SLOW_MEMBER, actor_options=options, job_runner=runner.bind())
     serve.run(gateway, name=APP, route_prefix=f"/{APP}")
     yield f"{serve_instance.base_url}/{APP}", env
     serve.delete(APP)

@@ -12,10 +12,12 @@ import pytest
 
 from deployments.pyfunc_member import PyfuncMember, to_probabilities
 from servecore import LABELS
+from servecore.config_check import load_app_spec
 from servecore.dataset import load_split
 from servecore.registry import configure_mlflow
 from servecore.settings import get_settings
 from tests.conftest import ROOT
+from tests.fixtures import fake_graph
 
 NAME = "intent-sklearn"
 
@@ -88,14 +90,14 @@ def test_the_member_class_scores_the_test_split(sklearn_model):
 
 @pytest.mark.serve
 def test_a_pyfunc_member_added_by_uri_is_served_and_named(serve_instance, sklearn_model):
-    import yaml
+    """The member runs in the real stage wrapper and ensemble beside fake stages (so the app
+    deploys in seconds): the others answer uniformly, so the ensemble's label is the member's."""
     from ray import serve
 
-    from graphs.deploy import deploy, wait_ready
+    from servecore.spec import PipelineSpec
 
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    app = config["applications"][0]
-    app["args"]["members"].append(
+    args = load_app_spec(ROOT / "serve_config.yaml", "intent").model_dump()
+    args["members"].append(
         {
             "name": "sk",
             "deployment": "SklearnText",
@@ -104,35 +106,21 @@ def test_a_pyfunc_member_added_by_uri_is_served_and_named(serve_instance, sklear
             "model_uri": sklearn_model,
         }
     )
-    app["args"]["ensemble"]["weights"]["sk"] = 0.25
-    app["deployments"].append(
-        {
-            "name": "SklearnText",
-            "num_replicas": 1,
-            "max_ongoing_requests": 64,
-            "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-            "user_config": {"max_batch_size": 16},
-        }
-    )
-    deploy(config)
+    args["ensemble"]["weights"]["sk"] = 0.25
+    spec = PipelineSpec.model_validate(args)
+    serve.run(fake_graph(spec), name="pyfunc", route_prefix="/pyfunc")
     try:
-        wait_ready(serve_instance.base_url)
+        texts = ["I was charged twice for the same order", "my parcel never arrived"]
         response = httpx.post(
-            f"{serve_instance.base_url}/v1/predict",
-            json={"texts": ["I was charged twice for the same order"]},
-            timeout=60,
+            f"{serve_instance.base_url}/pyfunc/v1/predict", json={"texts": texts}, timeout=60
         )
         assert response.status_code == 200, response.text
-        models = {m["stage"]: m for m in response.json()["models"]}
+        body = response.json()
+        models = {m["stage"]: m for m in body["models"]}
         assert models["SklearnText"]["name"] == NAME
         assert models["SklearnText"]["uri"] == sklearn_model
-        assert set(models) == {
-            "Tokenizer",
-            "Encoder",
-            "LinearHead",
-            "MLPHead",
-            "BagOfWords",
-            "SklearnText",
-        }
+        member = PyfuncMember(model_uri=sklearn_model)
+        expected = member({"text": np.asarray(texts, dtype=object)})["probs"]
+        assert [p["label"] for p in body["predictions"]] == [LABELS[i] for i in expected.argmax(1)]
     finally:
-        serve.delete("intent")
+        serve.delete("pyfunc")

@@ -53,7 +53,7 @@ from servecore.experiments import (
     VariantStats,
 )
 from servecore.http_errors import install_error_handlers, request_id
-from servecore.jobs import JobStore, public_job
+from servecore.jobs import JobStore, dataset_path, public_job
 from servecore.releases import Release, poll_ticks, spec_model_uris
 from servecore.schemas import (
     MAX_JOB_TEXTS,
@@ -159,9 +159,12 @@ class PrimaryUnavailable(Exception):
         self.code = code
 
 
-def _json(model: BaseModel, status_code: int = 200) -> Response:
+def _json(
+    body: BaseModel | dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """Serialise once; returning the model would make FastAPI validate it again."""
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+    text = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body)
+    return Response(text, status_code=status_code, media_type="application/json", headers=headers)
 
 
 def _versions(models: dict[str, dict[str, Any]]) -> list[ModelVersion]:
@@ -608,8 +611,7 @@ class Gateway:
                 raise InvalidRequest(
                     "callback_url: webhooks are off on this server (no signing secret is set)"
                 )
-            allow = parse_networks([n for n in settings.webhook_allow.split(",") if n.strip()])
-            check_target(body.callback_url, allow)
+            check_target(body.callback_url, parse_networks(settings.webhook_networks))
         if body.texts is not None:
             limit = self.knobs.jobs.max_texts
             if len(body.texts) > limit:
@@ -618,8 +620,6 @@ class Gateway:
                     "send a dataset for more"
                 )
             return {"texts": body.texts}, len(body.texts)
-        from deployments.job_runner import dataset_path
-
         assert body.dataset is not None
         dataset_path(settings, body.dataset.path)  # refuses paths outside the data folder
         return {"dataset": body.dataset.model_dump()}, 0
@@ -660,12 +660,7 @@ class Gateway:
         headers = {"Location": f"{request.scope.get('root_path', '')}/v1/jobs/{job.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
-        return Response(
-            json.dumps(public_job(job)),
-            status_code=202,
-            media_type="application/json",
-            headers=headers,
-        )
+        return _json(public_job(job), 202, headers)
 
     @app.get("/v1/jobs", response_model=JobList, responses=JOB_ERRORS)
     async def list_jobs(
@@ -688,18 +683,14 @@ class Gateway:
         """State, progress, timestamps, webhook deliveries and, once done, the result (texts:
         predictions and model versions; datasets: where the output is)."""
         job = await asyncio.to_thread(lambda: self._jobs().get(job_id, caller(request)))
-        return Response(json.dumps(public_job(job)), media_type="application/json")
+        return _json(public_job(job))
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, responses=JOB_ERRORS)
     async def cancel_job(self, job_id: JobId, request: Request) -> Response:
         """Cancel: a queued job at once, a running one at its next chunk (``cancel_requested``
         until then). A finished job answers 409."""
         job = await asyncio.to_thread(lambda: self._jobs().cancel(job_id, caller(request)))
-        return Response(
-            json.dumps(public_job(job, with_result=False)),
-            status_code=202,
-            media_type="application/json",
-        )
+        return _json(public_job(job, with_result=False), 202)
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.task_consumer import task_handler
 
-from servecore.jobs import Delivery, Job, JobStore, chunks, public_job
+from servecore.jobs import Delivery, Job, JobStore, chunks, dataset_path, public_job
 from servecore.settings import Settings, get_settings
 from servecore.webhooks import WebhookPolicy, deliver, parse_networks, payload
 
@@ -373,7 +373,7 @@ class JobRunner:
         k = self.knobs
         return WebhookPolicy(
             secret=secret.get_secret_value(),
-            allow=tuple(parse_networks(_split(self.settings.webhook_allow))),
+            allow=tuple(parse_networks(self.settings.webhook_networks)),
             max_attempts=k.webhook_max_attempts,
             backoff_s=k.webhook_backoff_s,
             max_delay_s=k.webhook_max_delay_s,
@@ -431,30 +431,11 @@ class JobRunner:
         }
 
 
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
 def _reason(error: BaseException) -> str:
     """A short, caller-safe reason (no traceback, no internals beyond the error's own line)."""
     text = str(error).strip().splitlines()
     first = text[-1] if text else ""
     return f"{type(error).__name__}: {first}"[:300]
-
-
-def dataset_path(settings: Settings, path: str) -> Path:
-    """``path`` resolved inside the jobs data folder; a path that leaves it is refused."""
-    from servecore.errors import InvalidRequest
-
-    root = settings.job_data_dir
-    candidate = Path(path)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise InvalidRequest(f"dataset.path must lie inside the jobs data folder {root}")
-    has_glob = any(ch in resolved.name for ch in "*?[")
-    if not has_glob and not resolved.exists():
-        raise InvalidRequest(f"dataset.path {path!r} does not exist in the jobs data folder")
-    return resolved
 
 
 def job_runner_deployment(settings: Settings) -> Any:

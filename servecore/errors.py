@@ -43,6 +43,23 @@ class TooManyTexts(ServingError):
     error_type = "too_many_texts"
 
 
+class JobNotFound(ServingError):
+    status_code = 404
+    error_type = "job_not_found"
+
+
+class IdempotencyConflict(ServingError):
+    """The same ``Idempotency-Key`` was sent with a different request body."""
+
+    status_code = 409
+    error_type = "idempotency_conflict"
+
+
+class JobFinished(ServingError):
+    status_code = 409
+    error_type = "job_finished"
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "model_not_found"

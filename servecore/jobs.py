@@ -26,12 +26,14 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
-from servecore.errors import ServingError
+from servecore.errors import IdempotencyConflict, InvalidRequest, JobFinished, JobNotFound
+from servecore.settings import Settings
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["texts", "dataset"]
@@ -69,23 +71,6 @@ jobs_table = sa.Table(
     sa.Column("deliveries", sa.JSON, nullable=False, default=list),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_owner_idempotency_key"),
 )
-
-
-class JobNotFound(ServingError):
-    status_code = 404
-    error_type = "job_not_found"
-
-
-class IdempotencyConflict(ServingError):
-    """The same ``Idempotency-Key`` was sent with a different request body."""
-
-    status_code = 409
-    error_type = "idempotency_conflict"
-
-
-class JobFinished(ServingError):
-    status_code = 409
-    error_type = "job_finished"
 
 
 class Delivery(BaseModel):
@@ -539,3 +524,16 @@ def public_job(job: Job, *, with_result: bool = True) -> dict[str, Any]:
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def dataset_path(settings: Settings, path: str) -> Path:
+    """``path`` resolved inside the jobs data folder; a path that leaves it is refused."""
+    root = settings.job_data_dir
+    candidate = Path(path)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise InvalidRequest(f"dataset.path must lie inside the jobs data folder {root}")
+    has_glob = any(ch in resolved.name for ch in "*?[")
+    if not has_glob and not resolved.exists():
+        raise InvalidRequest(f"dataset.path {path!r} does not exist in the jobs data folder")
+    return resolved

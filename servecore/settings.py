@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     (e.g. ``10.1.0.0/16``); empty allows public addresses only."""
 
     @property
+    def webhook_networks(self) -> list[str]:
+        return [part.strip() for part in self.webhook_allow.split(",") if part.strip()]
+
+    @property
     def jobs_home(self) -> Path:
         return self.jobs_dir or self.home / ".jobs"
 

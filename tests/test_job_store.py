@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from servecore.errors import InvalidRequest
-from servecore.jobs import Delivery, IdempotencyConflict, JobFinished, JobNotFound, JobStore
+from servecore.errors import IdempotencyConflict, InvalidRequest, JobFinished, JobNotFound
+from servecore.jobs import Delivery, JobStore
 from servecore.webhooks import (
     SIGNATURE_HEADER,
     WebhookPolicy,

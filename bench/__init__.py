@@ -11,5 +11,6 @@ numbers to ``bench/results/latest.json`` (plus a timestamped copy).
 
 Modules: :mod:`bench.pipeline` chains the model classes in-process, :mod:`bench.loadgen` is the
 HTTP load generator, :mod:`bench.peers` the FastAPI peer servers, :mod:`bench.served` the Ray Serve
-lifecycle, :mod:`bench.report` the table and JSON, :mod:`bench.run` the command line.
+lifecycle, :mod:`bench.report` the table and JSON, :mod:`bench.plot` the latency-against-throughput
+PNG, :mod:`bench.run` the command line.
 """

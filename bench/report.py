@@ -316,12 +316,16 @@ def finish(report: dict[str, Any]) -> None:
     report["ratios"] = compute_ratios(report["results"])
 
 
+def stamp(report: Mapping[str, Any]) -> str:
+    """The run's start as ``YYYYmmdd-HHMMSS`` (local time), for the names of its files."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(report["started_unix"]))
+
+
 def write_json(report: Mapping[str, Any], output_dir: Path) -> list[Path]:
     """``latest.json`` and ``bench-YYYYmmdd-HHMMSS.json`` in ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(report["started_unix"]))
     text = json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
-    paths = [output_dir / "latest.json", output_dir / f"bench-{stamp}.json"]
+    paths = [output_dir / "latest.json", output_dir / f"bench-{stamp(report)}.json"]
     for path in paths:
         path.write_text(text)
     return paths

@@ -291,6 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["duration_s"] = time.time() - started_unix
     reporting.finish(report)
     paths = reporting.write_json(report, args.output)
+    # After the JSON, and never fatal: a missing matplotlib or a bad row must not lose the numbers.
+    try:
+        from bench.plot import write_plots
+
+        paths += write_plots(report, args.output)
+    except Exception:  # noqa: BLE001 - the JSON is saved; the plot can be redrawn with bench.plot
+        logger.exception("latency/throughput plot failed; redraw it with `python -m bench.plot`")
     print(reporting.render(report))
     logger.info("results written to %s", ", ".join(str(p) for p in paths))
     errors = sum(int(row.get("errors", 0)) for row in report["results"].values())

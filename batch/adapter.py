@@ -30,12 +30,17 @@ def probability_column(label: str) -> str:
     return f"prob_{label}"
 
 
-def output_columns(batch: Batch, labels: Sequence[str], keep_text: bool) -> Batch:
-    """The job's output from the ensemble's batch: id, label, one probability column per label."""
+def output_columns(
+    batch: Batch, labels: Sequence[str], keep_text: bool, extra: Sequence[str] = ()
+) -> Batch:
+    """The job's output from the ensemble's batch: id, label, one probability column per label;
+    ``extra`` columns (e.g. ``embedding``) are carried through as they are."""
     probs = np.asarray(batch["probs"], dtype=np.float32)
     out: Batch = {ID: batch[ID]}
     if keep_text:
         out[TEXT] = batch[TEXT]
+    for column in extra:
+        out[column] = batch[column]
     out["label"] = np.asarray([str(label) for label in batch["label"]], dtype=object)
     for j, label in enumerate(labels):
         out[probability_column(label)] = probs[:, j]
@@ -87,7 +92,8 @@ class StageActor:
         if self.version is not None:
             result[VERSIONS] = self._with_version(batch.get(VERSIONS), num_rows(batch))
         if self.last:
-            return output_columns(result, self.labels, keep_text=TEXT in self.keeps)
+            extra = sorted(self.keeps - {ID, TEXT, VERSIONS})
+            return output_columns(result, self.labels, keep_text=TEXT in self.keeps, extra=extra)
         return result
 
     def _with_version(self, versions: np.ndarray | None, rows: int) -> np.ndarray:

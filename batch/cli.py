@@ -5,6 +5,7 @@ Examples::
 
     python -m batch run --input data/intents.csv --output /tmp/intents-scored
     python -m batch parity --input data/intents.csv --url http://127.0.0.1:8000
+    python -m batch reference           # drift reference profile of the champion release
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ stage becomes one Ray Data `map_batches` over an actor pool.
 commands:
   run     score files (parquet, CSV or JSON lines) into parquet, with a summary
   parity  score the same texts offline and through a running Serve app; fail on any difference
+  reference  compute the drift reference profile of a release and store it in MLflow
 """
 
 RUN_EPILOG = """\
@@ -179,7 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parity.add_argument("--worst", type=int, default=10, help="worst rows to print")
     parity.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
+
+    reference = commands.add_parser(
+        "reference",
+        help="store the drift reference profile of a release in MLflow",
+        description="Score the training data with the release behind an alias (the batch "
+        "pipeline, embeddings kept), build the drift reference profile (label centroids, "
+        "nearest-centroid similarity distribution, predicted-label shares) and store it as an "
+        "MLflow artifact tagged on every model version of the release. The bootstrap does this "
+        "for the models it registers; run it after registering a version by other means.",
+    )
+    reference.add_argument("--config", default="serve_config.yaml", help="Serve config file")
+    reference.add_argument("--app", default="intent", help="application in the config")
+    reference.add_argument("--alias", default="champion", help="release to profile")
+    reference.add_argument(
+        "--data",
+        default=None,
+        help="CSV with text, label and split columns (default: the shipped data/intents.csv)",
+    )
+    reference.add_argument("--split", default="train", help="rows of this split (train)")
+    reference.add_argument(
+        "--force", action="store_true", help="recompute even if the encoder has a profile"
+    )
+    reference.add_argument("--address", default=None, help="Ray cluster to join")
+    reference.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     return parser
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from batch.reference import ensure_reference
+    from servecore.dataset import load_split
+
+    texts, labels = load_split(args.split, Path(args.data) if args.data else None)
+    if not texts:
+        logger.error("no rows of split %r", args.split)
+        return 2
+    started_ray, _ = connect_ray(args.address)
+    try:
+        uri = ensure_reference(
+            args.config, args.app, texts, labels, alias=args.alias, force=args.force
+        )
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    print(uri or "the encoder already has a profile (use --force to recompute)")
+    return 0
 
 
 def options_from(args: argparse.Namespace) -> JobOptions:
@@ -215,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    if args.command == "reference":
+        try:
+            return run_reference(args)
+        except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+            logger.error("%s", e)
+            return 2
     try:
         options = options_from(args)
         started_ray, startup_s = connect_ray(args.address)

@@ -204,7 +204,7 @@ def selected(
     dataset: Dataset, fmt: Format, text_column: str, id_column: str, keep: Keep
 ) -> Dataset:
     """``dataset`` (from :func:`read_input`) reduced to its valid rows or its rejects."""
-    fn = select_json_rows if fmt == "jsonl" else select_rows
+    fn: Any = select_json_rows if fmt == "jsonl" else select_rows
     return dataset.map_batches(
         fn,
         fn_kwargs={"text_column": text_column, "id_column": id_column, "keep": keep},

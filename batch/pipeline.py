@@ -38,6 +38,8 @@ from servecore.config_check import find_app, load_app_spec, load_config
 if TYPE_CHECKING:
     from ray.data import Dataset
 
+    from servecore.spec import PipelineSpec
+
 logger = logging.getLogger(__name__)
 
 BLOCKS_PER_ACTOR = 4
@@ -90,6 +92,8 @@ class JobOptions:
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per stage (deployment name) resource fields, e.g. ``{"Encoder": {"max_actors": 2}}``."""
     keep_text: bool = False
+    keep_columns: tuple[str, ...] = ()
+    """Intermediate columns carried to the output (``embedding`` for drift profiles)."""
     fit_to_cluster: bool = True
     progress: bool | None = None
     """Ray Data progress bars; None shows them when stdout is a terminal."""
@@ -127,10 +131,12 @@ class BatchPipeline:
     num_blocks: int | None
 
     @classmethod
-    def prepare(cls, options: JobOptions) -> BatchPipeline:
-        """Validate the config and input, plan the stages and fit them to the connected cluster."""
+    def prepare(cls, options: JobOptions, spec: PipelineSpec | None = None) -> BatchPipeline:
+        """Validate the config and input, plan the stages and fit them to the connected cluster.
+
+        ``spec`` replaces the application's own (a copy pinned to exact model versions)."""
         config = load_config(options.config)
-        spec = load_app_spec(options.config, options.app)
+        spec = spec or load_app_spec(options.config, options.app)
         entry = find_app(config, options.app)
         deployments = {d["name"]: d for d in entry.get("deployments") or [] if "name" in d}
         stages = plan_stages(
@@ -139,6 +145,7 @@ class BatchPipeline:
             batch_size=options.batch_size,
             overrides=options.overrides,
             keep_text=options.keep_text,
+            keep_columns=options.keep_columns,
         )
         adjustments: list[str] = []
         if options.fit_to_cluster:

@@ -151,7 +151,8 @@ def apply_overrides(
     if "max_actors" in values and "min_actors" not in values:
         lower = min(lower, upper)
     values["min_actors"], values["max_actors"] = lower, upper
-    return replace(resources, **values)
+    changes: dict[str, Any] = dict(values)
+    return replace(resources, **changes)
 
 
 def plan_stages(
@@ -161,11 +162,13 @@ def plan_stages(
     batch_size: int = DEFAULT_BATCH_SIZE,
     overrides: Mapping[str, Mapping[str, float | int]] | None = None,
     keep_text: bool = False,
+    keep_columns: Iterable[str] = (),
 ) -> list[BatchStage]:
     """The Ray Data stages of ``spec``, in ``spec.stage_plans()`` order.
 
     ``deployments`` is the application's ``deployments:`` section keyed by name; ``overrides`` maps
-    a deployment name to resource fields (see :data:`RESOURCE_FIELDS`).
+    a deployment name to resource fields (see :data:`RESOURCE_FIELDS`). ``keep_columns`` are
+    intermediate columns (``embedding``) carried to the output.
     """
     plans = spec.stage_plans()
     overrides = dict(overrides or {})
@@ -174,7 +177,7 @@ def plan_stages(
         raise ValueError(
             f"no stage named {sorted(unknown)}; stages are {[p.deployment for p in plans]}"
         )
-    passthrough = {ID, VERSIONS} | ({TEXT} if keep_text else set())
+    passthrough = {ID, VERSIONS, *keep_columns} | ({TEXT} if keep_text else set())
     reads = [stage_reads(p) for p in plans]
     stages = []
     for i, plan in enumerate(plans):

@@ -16,17 +16,20 @@ No ``from __future__ import annotations``: FastAPI must see real classes in the 
 
 import asyncio
 import base64
+import collections
+import contextvars
 import json
 import logging
 import random
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.context import _set_request_context
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
@@ -53,7 +56,8 @@ from servecore.experiments import (
     VariantStats,
 )
 from servecore.http_errors import install_error_handlers, request_id
-from servecore.jobs import JobStore, dataset_path, public_job
+from servecore.jobs import JobState, JobStore, dataset_path, public_job
+from servecore.prediction_log import records as log_records
 from servecore.releases import Release, poll_ticks, spec_model_uris
 from servecore.schemas import (
     MAX_JOB_TEXTS,
@@ -74,6 +78,7 @@ from servecore.schemas import (
 )
 from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
+from servecore.telemetry import metric
 from servecore.webhooks import check_target, parse_networks
 
 logger = logging.getLogger("ray.serve")
@@ -91,7 +96,8 @@ JOB_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)
 }
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
-JobStateQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+GraphRequest = tuple[list[str], str]
+"""What the coalescer gathers: one request's texts and its request id."""
 ANONYMOUS = "anonymous"
 """The owner of jobs submitted without credentials (until API keys exist, every caller)."""
 
@@ -120,6 +126,20 @@ def caller(request: Request) -> str:
     return getattr(request.state, "caller", None) or ANONYMOUS
 
 
+class MonitoringConfig(BaseModel):
+    """What the gateway hands the ``Monitor`` deployment (prediction log and drift window)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of ``/v1/predict`` requests sent to the monitor (all their texts). Each sampled text
+    costs one extra encoder pass for drift scoring, so 1.0 halves the encoder's capacity."""
+    flush_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    """Samples are sent in one call per interval (or sooner, once 256 are waiting)."""
+    max_buffered: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Samples waiting to be sent; more are dropped (the monitor is down or slow)."""
+
+
 class GatewayUserConfig(BaseModel):
     """Live knobs of the gateway (``user_config`` of the ``Gateway`` deployment)."""
 
@@ -141,6 +161,7 @@ class GatewayUserConfig(BaseModel):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     @model_validator(mode="after")
     def _shadow_variant_exists(self) -> "GatewayUserConfig":
@@ -179,10 +200,15 @@ class Gateway:
         spec: dict[str, Any],
         stages: dict[str, DeploymentHandle],
         job_runner: DeploymentHandle | None = None,
+        monitor: DeploymentHandle | None = None,
     ) -> None:
         self.spec = PipelineSpec.model_validate(spec)
         self.stages = stages
         self.job_runner = job_runner
+        self.monitor = monitor
+        self._samples: collections.deque[dict[str, Any]] = collections.deque()
+        self._sample_sender: asyncio.Task[None] | None = None
+        self.samples_dropped = 0
         self._job_store: JobStore | None = None
         self._job_producer: Any = None
         self.head_stages = [m.deployment for m in self.spec.members if m.input == "embedding"]
@@ -203,7 +229,7 @@ class Gateway:
         self.release_error: str | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.graph_timeout_s = knobs.graph_timeout_s
-        self.coalescers: dict[str, Coalescer[list[str], StageOutput]] = {}
+        self.coalescers: dict[str, Coalescer[GraphRequest, StageOutput]] = {}
         self.variant_stats: dict[str, VariantStats] = {}
         self.shadow_stats = ShadowStats()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
@@ -317,19 +343,19 @@ class Gateway:
         members += [self.stages[name].remote(batch, pin=pins[name]) for name in self.text_stages]
         return self.stages["Ensemble"].remote(*members, pin=pins["Ensemble"])
 
-    def _coalescer(self, variant: str) -> Coalescer[list[str], StageOutput]:
+    def _coalescer(self, variant: str) -> Coalescer[GraphRequest, StageOutput]:
         coalescer = self.coalescers.get(variant)
         if coalescer is None:
             knobs = self.knobs
 
-            async def run(requests: list[list[str]]) -> list[StageOutput]:
+            async def run(requests: list[GraphRequest]) -> list[StageOutput]:
                 return await self._predict_batch(variant, requests)
 
             coalescer = Coalescer(
                 run,
                 max_batch_size=knobs.max_batch_size,
                 max_concurrent=knobs.max_concurrent_batches,
-                size_of=len,
+                size_of=lambda request: len(request[0]),
             )
             coalescer.configure(
                 knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
@@ -337,27 +363,35 @@ class Gateway:
             self.coalescers[variant] = coalescer
         return coalescer
 
-    async def _predict_batch(self, variant: str, requests: list[list[str]]) -> list[StageOutput]:
-        sizes = [len(texts) for texts in requests]
+    async def _predict_batch(self, variant: str, requests: list[GraphRequest]) -> list[StageOutput]:
+        sizes = [len(texts) for texts, _ in requests]
+        ids = [rid for _, rid in requests]
+        # This task runs in the coalescer's own context: give the graph call the request id of
+        # its first request, so every stage's log lines carry it; the line below ties the other
+        # requests of a coalesced call to it.
+        _set_request_context(request_id=ids[0])
+        if len(ids) > 1:
+            logger.info("graph call %s carries %d requests: %s", ids[0], len(ids), ids)
+        metric("intent_batch_size").observe(sum(sizes), tags={"stage": "Gateway"})
         # The release is read once per graph call: every text in it runs on the same versions.
         output: StageOutput = await asyncio.wait_for(
-            self._classify([t for texts in requests for t in texts], self.releases[variant]),
+            self._classify([t for texts, _ in requests for t in texts], self.releases[variant]),
             self.graph_timeout_s,
         )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
-    async def _primary(self, variant: str, texts: list[str]) -> StageOutput:
+    async def _primary(self, variant: str, texts: list[str], rid: str) -> StageOutput:
         """The full pipeline, behind the circuit breaker and the fallback deadline."""
         fallback = self.knobs.fallback
         if fallback.stage is None:
-            return await self._coalescer(variant).submit(texts)
+            return await self._coalescer(variant).submit((texts, rid))
         if not self.breaker.allow():
             raise PrimaryUnavailable(
                 "circuit_open", "circuit open: the primary pipeline failed repeatedly"
             )
         try:
             output = await asyncio.wait_for(
-                self._coalescer(variant).submit(texts), fallback.deadline_s
+                self._coalescer(variant).submit((texts, rid)), fallback.deadline_s
             )
         except TimeoutError as e:
             self.breaker.failure()
@@ -383,7 +417,9 @@ class Gateway:
         labels = np.asarray([LABELS[i] for i in probs.argmax(axis=1)], dtype=object)
         return StageOutput({"probs": probs, "label": labels}, output.models)
 
-    def _maybe_shadow(self, variant: str, texts: list[str], labels: list[str], took: float) -> None:
+    def _maybe_shadow(
+        self, variant: str, texts: list[str], labels: list[str], took: float, rid: str
+    ) -> None:
         shadow = self.knobs.shadow
         if shadow.variant is None or shadow.variant == variant or shadow.fraction <= 0:
             return
@@ -392,15 +428,17 @@ class Gateway:
         if len(self._shadow_tasks) >= shadow.max_in_flight:
             self.shadow_stats.skipped += 1
             return
-        task = asyncio.create_task(self._shadow(shadow.variant, texts, labels, took))
+        task = asyncio.create_task(self._shadow(shadow.variant, texts, labels, took, rid))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, variant: str, texts: list[str], labels: list[str], took: float) -> None:
+    async def _shadow(
+        self, variant: str, texts: list[str], labels: list[str], took: float, rid: str
+    ) -> None:
         started = time.perf_counter()
         try:
             output = await asyncio.wait_for(
-                self._coalescer(variant).submit(texts), self.graph_timeout_s
+                self._coalescer(variant).submit((texts, rid)), self.graph_timeout_s
             )
         except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
             self.shadow_stats.errors += 1
@@ -408,25 +446,66 @@ class Gateway:
             return
         shadow_labels = [str(label) for label in output.batch["label"]]
         self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
+        agreed = sum(a == b for a, b in zip(labels, shadow_labels, strict=True))
+        comparisons = metric("intent_shadow_comparisons")
+        for outcome, n in (("agree", agreed), ("disagree", len(labels) - agreed)):
+            if n:
+                comparisons.inc(n, tags={"variant": variant, "outcome": outcome})
 
     async def _answer(
-        self, texts: list[str], user_key: str | None, use_cache: bool, rid: str
+        self,
+        texts: list[str],
+        user_key: str | None,
+        use_cache: bool,
+        rid: str,
+        sample: bool = False,
     ) -> PredictResponse:
         """Classify ``texts`` as ``/v1/predict`` does: A/B variant, cache, primary pipeline with
-        its fallback, shadow. Text jobs call it through :meth:`classify_texts`."""
+        its fallback, shadow; ``sample`` lets the monitor see it. Text jobs call it through
+        :meth:`classify_texts`."""
         self._ensure_watcher()
         started = time.perf_counter()
         variant = self.knobs.experiment.assign(user_key)
+        metric("intent_variant_requests").inc(tags={"variant": variant})
+        try:
+            answer, cached_flags = await self._answer_variant(
+                texts, variant, use_cache, rid, started
+            )
+        except Exception:
+            self._observe_request(variant, "error", started)
+            raise
+        self._observe_request(variant, "degraded" if answer.degraded else "ok", started)
+        if sample:
+            self._sample(texts, answer, cached_flags, rid, started)
+        return answer
+
+    @staticmethod
+    def _observe_request(variant: str, outcome: str, started: float) -> None:
+        metric("intent_request_latency_ms").observe(
+            (time.perf_counter() - started) * 1000.0,
+            tags={"variant": variant, "outcome": outcome},
+        )
+
+    async def _answer_variant(
+        self, texts: list[str], variant: str, use_cache: bool, rid: str, started: float
+    ) -> tuple[PredictResponse, list[bool]]:
         stats = self.variant_stats.setdefault(variant, VariantStats())
         release = self.releases[variant]
+        lookups = metric("intent_cache_lookups")
         if use_cache:
             cached: list[CachedAnswer | None] = [
                 self.cache.get(text, release.key) for text in texts
             ]
         else:
             self.cache.bypassed += 1
+            lookups.inc(len(texts), tags={"result": "bypass"})
             cached = [None] * len(texts)
         missing = [i for i, hit in enumerate(cached) if hit is None]
+        if use_cache:
+            hits = len(texts) - len(missing)
+            for result, n in (("hit", hits), ("miss", len(missing))):
+                if n:
+                    lookups.inc(n, tags={"result": result})
         labels: list[str] = [hit.label if hit else "" for hit in cached]
         probs: list[tuple[float, ...]] = [hit.probs if hit else () for hit in cached]
         models: dict[str, dict[str, Any]] = next((h.models for h in cached if h), {})
@@ -434,7 +513,7 @@ class Gateway:
         if missing:
             asked = [texts[i] for i in missing]
             try:
-                output = await self._primary(variant, asked)
+                output = await self._primary(variant, asked, rid)
             except (PrimaryUnavailable, *STAGE_ERRORS) as e:
                 if self.knobs.fallback.stage is None:
                     stats.errors += 1
@@ -451,6 +530,7 @@ class Gateway:
                         "the model pipeline and its fallback are unavailable; retry shortly"
                     ) from fallback_error
                 self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
+                metric("intent_fallbacks").inc(tags={"reason": code})
             models = output.models
             for j, i in enumerate(missing):
                 labels[i] = str(output.batch["label"][j])
@@ -459,13 +539,16 @@ class Gateway:
                     self.cache.put(texts[i], release.key, labels[i], probs[i], models)
         took = time.perf_counter() - started
         stats.record(took, labels, degraded=degraded_reason is not None)
+        predictions_total = metric("intent_predictions")
+        for label, n in collections.Counter(labels).items():
+            predictions_total.inc(n, tags={"variant": variant, "label": label})
         if degraded_reason is None:
-            self._maybe_shadow(variant, texts, labels, took)
+            self._maybe_shadow(variant, texts, labels, took, rid)
         predictions = [
             Prediction(label=label, probabilities=dict(zip(LABELS, row, strict=True)))
             for label, row in zip(labels, probs, strict=True)
         ]
-        return PredictResponse(
+        answer = PredictResponse(
             request_id=rid,
             predictions=predictions,
             models=_versions(models),
@@ -474,6 +557,61 @@ class Gateway:
             degraded_reason=degraded_reason,
             cached=len(texts) - len(missing),
         )
+        return answer, [hit is not None for hit in cached]
+
+    # --- monitoring ------------------------------------------------------------------------
+
+    def _sample(
+        self,
+        texts: list[str],
+        answer: PredictResponse,
+        cached: list[bool],
+        rid: str,
+        started: float,
+    ) -> None:
+        """Queue a sampled answer for the monitor; sent by :meth:`_send_samples`, never awaited
+        by the request."""
+        knobs = self.knobs.monitoring
+        if self.monitor is None or knobs.sample_rate <= 0 or random.random() >= knobs.sample_rate:
+            return
+        room = knobs.max_buffered - len(self._samples)
+        if room < len(texts):
+            self.samples_dropped += len(texts)
+            return
+        self._samples.extend(
+            log_records(
+                texts,
+                [p.label for p in answer.predictions],
+                [list(p.probabilities.values()) for p in answer.predictions],
+                cached,
+                label_names=LABELS,
+                models={m.stage: f"{m.name}/{m.version}" for m in answer.models if m.stage},
+                variant=answer.variant or "",
+                request_id=rid,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                degraded=answer.degraded,
+            )
+        )
+        if self._sample_sender is None or self._sample_sender.done():
+            # A fresh context, not this request's: the sender outlives the request and carries
+            # other requests' samples too.
+            self._sample_sender = asyncio.create_task(
+                self._send_samples(), context=contextvars.Context()
+            )
+
+    async def _send_samples(self) -> None:
+        """Send what is queued in one call per interval (or per 256 samples)."""
+        assert self.monitor is not None
+        while self._samples:
+            deadline = time.monotonic() + self.knobs.monitoring.flush_interval_s
+            while len(self._samples) < 256 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            batch = [self._samples.popleft() for _ in range(min(len(self._samples), 1024))]
+            try:
+                await asyncio.wait_for(self.monitor.record.remote(batch), 30.0)
+            except Exception as e:  # noqa: BLE001 - monitoring never fails a request
+                self.samples_dropped += len(batch)
+                logger.warning("monitor did not take %d samples: %r", len(batch), e)
 
     async def classify_texts(self, texts: list[str], user_key: str | None = None) -> dict[str, Any]:
         """Handle method for the job runner: one chunk of a texts job, answered exactly as
@@ -492,7 +630,9 @@ class Gateway:
         """
         use_cache = "no-cache" not in request.headers.get("cache-control", "").lower()
         user_key = request.headers.get(self.knobs.experiment.sticky_header)
-        answer = await self._answer(body.texts, user_key, use_cache, request_id(request))
+        answer = await self._answer(
+            body.texts, user_key, use_cache, request_id(request), sample=True
+        )
         return _json(answer)
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
@@ -668,7 +808,7 @@ class Gateway:
         request: Request,
         limit: int = Query(default=20, ge=1, le=1000),
         after: str | None = Query(default=None, max_length=64),
-        state: JobStateQuery | None = None,
+        state: JobState | None = None,
     ) -> JobList:
         """Your jobs, newest first, without results; ``after`` is the previous page's
         ``next_cursor``."""
@@ -691,6 +831,22 @@ class Gateway:
         until then). A finished job answers 409."""
         job = await asyncio.to_thread(lambda: self._jobs().cancel(job_id, caller(request)))
         return _json(public_job(job, with_result=False), 202)
+
+    # --- monitoring ----------------------------------------------------------------------------
+
+    @app.get("/v1/monitoring/drift", responses=ERRORS)
+    async def drift(self) -> Response:
+        """Input drift of live traffic against the served encoder version's reference profile:
+        ``status`` (``ok``, ``drift``, ``warming_up``, ``no_reference``, ``no_traffic``), each
+        signal's score, threshold and alarm, the window and the reference it is compared with."""
+        if self.monitor is None:
+            raise NotReady("no monitor is deployed with this application")
+        try:
+            report = await asyncio.wait_for(self.monitor.drift.remote(), READY_TIMEOUT_S)
+        except STAGE_ERRORS as e:
+            raise ModelUnavailable("the monitor is unavailable; retry shortly") from e
+        report["gateway_samples_dropped"] = self.samples_dropped
+        return _json(report)
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:

@@ -33,8 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.task_consumer import task_handler
 
-from servecore.jobs import Delivery, Job, JobStore, chunks, dataset_path, public_job
+from servecore.jobs import (
+    JOB_STATES,
+    Delivery,
+    Job,
+    JobStore,
+    chunks,
+    dataset_path,
+    public_job,
+)
 from servecore.settings import Settings, get_settings
+from servecore.telemetry import metric
 from servecore.webhooks import WebhookPolicy, deliver, parse_networks, payload
 
 logger = logging.getLogger("ray.serve")
@@ -351,8 +360,17 @@ class JobRunner:
         while not self._stop.wait(self.knobs.reap_interval_s):
             try:
                 self.reap()
+                self._export_counts()
             except Exception as e:  # noqa: BLE001 - the store or broker is down; next round
                 logger.warning("reaper: %s", e)
+
+    def _export_counts(self) -> None:
+        """The ``intent_jobs`` gauge: every state, zeros included, so a state that empties
+        drops to 0 instead of keeping its last value."""
+        counts = self.store.counts()
+        gauge = metric("intent_jobs")
+        for state in JOB_STATES:
+            gauge.set(counts.get(state, 0), tags={"state": state})
 
     def reap(self) -> list[str]:
         """Finish abandoned cancellations and send stalled jobs again; returns the ids sent."""

@@ -33,6 +33,7 @@ from servecore.batching import Batch, concat_batches, num_rows, split_batch
 from servecore.registry import ModelRef, parse_model_uri
 from servecore.releases import pinned_uri, poll_ticks
 from servecore.stages import build_stage
+from servecore.telemetry import metric
 
 logger = logging.getLogger("ray.serve")
 
@@ -251,12 +252,24 @@ class Stage:
             batches = [calls[i][0] for i in members]
             sizes = [num_rows(b) for b in batches]
             self._recent_batches.append((len(batches), sum(sizes)))
+            started = time.perf_counter()
             output = await asyncio.to_thread(loaded.model, concat_batches(batches))
+            self._observe(loaded, sum(sizes), time.perf_counter() - started)
             if self.output_prefix:
                 output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
             for i, part in zip(members, split_batch(output, sizes), strict=True):
                 results[i] = (part, loaded.info)
         return [r for r in results if r is not None]
+
+    def _observe(self, loaded: LoadedModel, rows: int, seconds: float) -> None:
+        info = loaded.info or {}
+        tags = {
+            "stage": self.name,
+            "model": str(info.get("name", "local")),
+            "version": str(info.get("version", "local")),
+        }
+        metric("intent_inference_latency_ms").observe(seconds * 1000.0, tags=tags)
+        metric("intent_batch_size").observe(rows, tags={"stage": self.name})
 
     async def describe(self) -> dict[str, Any]:
         """What this replica serves: its stage class, model version and live batching knobs."""

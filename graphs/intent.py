@@ -1,5 +1,6 @@
 """The intent-routing application: gateway → tokenizer → encoder → heads ⇉ ensemble, plus a
-bag-of-words model on the raw text in parallel, and the job runner that serves ``/v1/jobs``.
+bag-of-words model on the raw text in parallel, the job runner that serves ``/v1/jobs`` and the
+monitor that keeps the prediction log and the drift window.
 
 ``serve_config.yaml`` names ``graphs.intent:build_app`` with the pipeline spec as ``args``.
 Resources and live knobs of each deployment are set in the config's ``deployments`` section; the
@@ -14,6 +15,7 @@ from ray.serve import Application
 
 from deployments.gateway import Gateway, GatewayUserConfig
 from deployments.job_runner import JobRunnerUserConfig, job_runner_deployment
+from deployments.monitor import Monitor, MonitorUserConfig
 from deployments.stage import Stage, StageUserConfig
 from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
@@ -29,8 +31,10 @@ def build_app(args: PipelineSpec) -> Application:
     runner = job_runner_deployment(get_settings()).options(
         ray_actor_options={"num_cpus": 0, "num_gpus": 0}
     )
+    monitor = Monitor.options(name="Monitor", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
+    embedder = {name: stages[name] for name in ("Tokenizer", "Encoder")}
     gateway = Gateway.options(name="Gateway", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
-    return gateway.bind(args.model_dump(), stages, runner.bind())
+    return gateway.bind(args.model_dump(), stages, runner.bind(), monitor.bind(embedder))
 
 
 def user_config_schema(deployment: str) -> type[BaseModel]:
@@ -39,4 +43,6 @@ def user_config_schema(deployment: str) -> type[BaseModel]:
         return GatewayUserConfig
     if deployment == "JobRunner":
         return JobRunnerUserConfig
+    if deployment == "Monitor":
+        return MonitorUserConfig
     return StageUserConfig

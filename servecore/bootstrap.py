@@ -368,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, default=project_root() / "serve_config.yaml")
     parser.add_argument("--app", default="intent", help="application whose ensemble to evaluate")
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the drift reference profile (computed with Ray Data when the champion "
+        "encoder has none; see `python -m batch reference`)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The signature is given explicitly and the wrappers are importable classes: MLflow's advice
@@ -389,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     before = {name: bootstrapper.has_champion(name) for name in SHIPPED}
     results = bootstrapper.run(data)
     print(f"registry: {get_settings().tracking_uri}")
+    if args.reference:
+        from batch.reference import ensure_reference
+
+        uri = ensure_reference(args.config, args.app, train_texts, train_labels, alias=ALIAS)
+        print(f"  drift reference profile: {uri or 'already stored'}")
     for name in SHIPPED:
         print(f"  {name}@{ALIAS}: {'already registered' if before[name] else 'registered now'}")
     print(format_table(results))

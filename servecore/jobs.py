@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
@@ -36,6 +36,7 @@ from servecore.errors import IdempotencyConflict, InvalidRequest, JobFinished, J
 from servecore.settings import Settings
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 JobKind = Literal["texts", "dataset"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 

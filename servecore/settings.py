@@ -72,6 +72,18 @@ class Settings(BaseSettings):
     """Comma-separated networks that callbacks may reach although they are private or loopback
     (e.g. ``10.1.0.0/16``); empty allows public addresses only."""
 
+    prediction_log_dir: Path | None = None
+    """Where the monitor writes the prediction log (rotated JSON lines); default
+    ``home/.predictions``."""
+
+    prediction_log_key: SecretStr | None = None
+    """Key of the prediction log's text hash (HMAC-SHA256); unset means plain SHA-256, which
+    anyone can check a guessed text against."""
+
+    @property
+    def prediction_log_folder(self) -> Path:
+        return (self.prediction_log_dir or self.home / ".predictions").resolve()
+
     @property
     def webhook_networks(self) -> list[str]:
         return [part.strip() for part in self.webhook_allow.split(",") if part.strip()]

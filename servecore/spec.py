@@ -191,4 +191,4 @@ class PipelineSpec(_Strict):
         return plans
 
     def deployment_names(self) -> list[str]:
-        return ["Gateway", *(p.deployment for p in self.stage_plans()), "JobRunner"]
+        return ["Gateway", *(p.deployment for p in self.stage_plans()), "JobRunner", "Monitor"]

@@ -62,6 +62,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 class ServeInstance:
     base_url: str
     http_port: int
+    metrics_port: int
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +74,23 @@ def serve_instance(registry: Registry) -> Iterator[ServeInstance]:
     from servecore.config_check import load_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    metrics_port = free_port()
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
-        _metrics_export_port=free_port(),
+        _metrics_export_port=metrics_port,
+        # Metrics reach the Prometheus endpoint within a second or two (default: 10 s).
+        _system_config={"metrics_report_interval_ms": 1000},
         logging_level="WARNING",
         # Replicas import test fixtures (tests.fixtures) whatever directory pytest ran from.
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     port = free_port()
     start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
-    yield ServeInstance(base_url=f"http://127.0.0.1:{port}", http_port=port)
+    yield ServeInstance(
+        base_url=f"http://127.0.0.1:{port}", http_port=port, metrics_port=metrics_port
+    )
     serve.shutdown()
     ray.shutdown()
 

@@ -121,7 +121,11 @@ def fast_polling_config(tmp_path: Path, gateway: dict[str, Any] | None = None) -
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for deployment in config["applications"][0]["deployments"]:
-        if "user_config" in deployment and deployment["name"] not in ("Ensemble", "JobRunner"):
+        if "user_config" in deployment and deployment["name"] not in (
+            "Ensemble",
+            "JobRunner",
+            "Monitor",
+        ):
             deployment["user_config"]["registry_poll_s"] = 1.0
         if deployment["name"] == "Gateway":
             deployment["user_config"].update(gateway or {})

@@ -613,10 +613,13 @@ class Gateway:
                 self.samples_dropped += len(batch)
                 logger.warning("monitor did not take %d samples: %r", len(batch), e)
 
-    async def classify_texts(self, texts: list[str], user_key: str | None = None) -> dict[str, Any]:
+    async def classify_texts(
+        self, texts: list[str], user_key: str | None = None, trace: str = "job"
+    ) -> dict[str, Any]:
         """Handle method for the job runner: one chunk of a texts job, answered exactly as
-        ``/v1/predict`` answers (returned as a plain dict)."""
-        answer = await self._answer(texts, user_key, use_cache=True, rid="job")
+        ``/v1/predict`` answers (returned as a plain dict). ``trace`` (``job-<id>``) is the
+        request id its graph call logs under."""
+        answer = await self._answer(texts, user_key, use_cache=True, rid=trace)
         return answer.model_dump(exclude={"request_id"})
 
     # --- routes ------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ class JobRunner:
         degraded = 0
         for chunk in chunks(texts, self.knobs.chunk_size):
             lease.check()
-            answer = self._classify(list(chunk), user_key)
+            answer = self._classify(list(chunk), user_key, f"job-{job.id}")
             start = len(predictions)
             predictions.extend(answer["predictions"])
             degraded += len(chunk) if answer["degraded"] else 0
@@ -289,13 +289,13 @@ class JobRunner:
             "degraded_texts": degraded,
         }
 
-    def _classify(self, texts: list[str], user_key: str | None) -> dict[str, Any]:
+    def _classify(self, texts: list[str], user_key: str | None, trace: str) -> dict[str, Any]:
         delay = 0.5
         for attempt in range(self.knobs.call_retries + 1):
             try:
-                answer: dict[str, Any] = self.gateway.classify_texts.remote(texts, user_key).result(
-                    timeout_s=300
-                )
+                answer: dict[str, Any] = self.gateway.classify_texts.remote(
+                    texts, user_key, trace
+                ).result(timeout_s=300)
                 return answer
             except Exception as e:  # noqa: BLE001 - retried, then the job fails with it
                 if attempt == self.knobs.call_retries:

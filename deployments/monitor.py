@@ -173,6 +173,7 @@ class Monitor:
             "pending": len(self.pending),
             "records": dict(self.counts),
             "last_error": self.last_error,
+            "settings": self.knobs.drift.model_dump(),
             "prediction_log": {
                 **self.knobs.prediction_log.model_dump(),
                 "folder": str(self.log.folder),

@@ -46,6 +46,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     os.environ["INTENT_SERVING_MODEL_CACHE_DIR"] = str(home / "cache")
     # Jobs of the shipped app (store, filesystem broker, outputs) stay out of the checkout.
     os.environ["INTENT_SERVING_JOBS_DIR"] = str(home / "jobs")
+    os.environ["INTENT_SERVING_PREDICTION_LOG_DIR"] = str(home / "predictions")
     get_settings.cache_clear()
     weights, members = bootstrap.default_members(ROOT / "serve_config.yaml", "intent")
     data = bootstrap.Data(*load_split("train"), *load_split("test"))
@@ -93,6 +94,18 @@ def serve_instance(registry: Registry) -> Iterator[ServeInstance]:
     )
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def drift_reference(serve_instance: ServeInstance, registry: Registry) -> str | None:
+    """The champion release's drift reference profile, computed by the same Ray Data job the
+    bootstrap CLI runs (the session's registry is bootstrapped without it). Request it before
+    deploying an app whose monitor should find it."""
+    from batch.reference import ensure_reference
+    from servecore.dataset import load_split
+
+    texts, labels = load_split("train")
+    return ensure_reference(ROOT / "serve_config.yaml", "intent", texts, labels)
 
 
 @pytest.fixture(scope="module")

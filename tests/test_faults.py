@@ -45,38 +45,6 @@ def _predict(base_url: str) -> httpx.Response:
     return httpx.post(f"{base_url}/v1/predict", json={"texts": ["hello", "world"]}, timeout=60)
 
 
-def test_the_fake_graph_answers(faulty):
-    deploy_fake_graph({})
-    response = _predict(faulty)
-    assert response.status_code == 200
-    probabilities = response.json()["predictions"][0]["probabilities"]
-    assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
-
-
-def test_a_failing_stage_gives_a_503_without_internal_details(faulty):
-    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})})
-    response = _predict(faulty)
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "1"
-    assert response.json() == {
-        "error": {
-            "type": "model_unavailable",
-            "message": "the model pipeline is unavailable; retry shortly",
-            "request_id": response.headers["x-request-id"],
-        }
-    }
-    assert "secret" not in response.text
-
-
-def test_a_stage_past_the_deadline_gives_a_503_in_time(faulty):
-    deploy_fake_graph({"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 10.0})}, 1.0)
-    started = time.monotonic()
-    response = _predict(faulty)
-    assert time.monotonic() - started < 8.0
-    assert response.status_code == 503
-    assert response.json()["error"]["type"] == "model_unavailable"
-
-
 def _experiments(base_url: str) -> dict:
     return httpx.get(f"{base_url}/v1/experiments", timeout=10).json()
 
@@ -88,6 +56,41 @@ def _fallbacks(base_url: str) -> dict[str, int]:
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     """Counters grown since ``before`` (the gateway replica may outlive one test's deployment)."""
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_the_fake_graph_answers(faulty):
+    deploy_fake_graph({})
+    response = _predict(faulty)
+    assert response.status_code == 200
+    probabilities = response.json()["predictions"][0]["probabilities"]
+    assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
+
+
+def test_a_failing_stage_gives_a_503_without_internal_details_or_a_backup(faulty):
+    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})})
+    before = _fallbacks(faulty)
+    response = _predict(faulty)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {
+        "error": {
+            "type": "model_unavailable",
+            "message": "the model pipeline is unavailable; retry shortly",
+            "request_id": response.headers["x-request-id"],
+        }
+    }
+    assert "secret" not in response.text
+    # No fallback is configured: the backup model is not used and nothing counts as a fallback.
+    assert _delta(_fallbacks(faulty), before) == {}
+
+
+def test_a_stage_past_the_deadline_gives_a_503_in_time(faulty):
+    deploy_fake_graph({"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 10.0})}, 1.0)
+    started = time.monotonic()
+    response = _predict(faulty)
+    assert time.monotonic() - started < 8.0
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "model_unavailable"
 
 
 def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
@@ -127,10 +130,3 @@ def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
     probabilities = body["predictions"][0]["probabilities"]
     assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
     assert _delta(_fallbacks(faulty), before) == {"error": 1}
-
-
-def test_without_a_fallback_the_backup_is_not_used_and_errors_stay_503(faulty):
-    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})})
-    before = _fallbacks(faulty)
-    assert _predict(faulty).status_code == 503
-    assert _delta(_fallbacks(faulty), before) == {}

@@ -242,18 +242,23 @@ def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, env, t
 
 
 def _alive_encoder(since_ms: float) -> int | None:
-    """PID of a live Ray Data encoder actor started after ``since_ms``, from Ray's actor table."""
+    """PID of the oldest live Ray Data encoder actor started after ``since_ms``, from Ray's actor
+    table. The oldest, because a younger one may still be loading its model: Ray Data replaces an
+    actor that dies during initialisation instead of restarting it, and the test wants the
+    restart of a working actor."""
     from ray._private import state
 
-    for actor in state.actors().values():
-        if (
-            stage_of_actor(actor.get("ActorClassName", ""), ["Encoder"])
-            and actor.get("State") == "ALIVE"
-            and actor.get("StartTime", 0) >= since_ms
-            and actor.get("Pid")
-        ):
-            return int(actor["Pid"])
-    return None
+    alive = [
+        actor
+        for actor in state.actors().values()
+        if stage_of_actor(actor.get("ActorClassName", ""), ["Encoder"])
+        and actor.get("State") == "ALIVE"
+        and actor.get("StartTime", 0) >= since_ms
+        and actor.get("Pid")
+    ]
+    if not alive:
+        return None
+    return int(min(alive, key=lambda actor: actor["StartTime"])["Pid"])
 
 
 def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, env, texts):

@@ -1,13 +1,21 @@
-"""The shipped application over real HTTP through the Serve proxy, with the real MiniLM.
+"""The shipped application over real HTTP through the Serve proxy, with the real MiniLM, and its
+observability (logs, prediction log, drift, metrics; see the section at the end).
 
 One deployment of ``serve_config.yaml`` serves the whole module (deleted afterwards); the batching
-test changes live knobs and puts the shipped ones back.
+and observability tests change live knobs in place and put the shipped ones back.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,11 +23,18 @@ import pytest
 
 from servecore import LABELS
 from servecore.dataset import load_split
-from tests.conftest import ROOT
+from servecore.telemetry import CATALOGUE, exported_name
+from tests.conftest import ROOT, STAGES
 
 pytestmark = pytest.mark.serve
 
-STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords"]
+VERSIONED_STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords"]
+"""The stages whose registered model versions every answer names."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_before_the_app(drift_reference):
+    """The drift reference exists before the app starts, so its monitor finds it at once."""
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +53,7 @@ def test_predict_names_labels_probabilities_versions_and_request_id(client):
     for prediction in body["predictions"]:
         assert list(prediction["probabilities"]) == list(LABELS)
         assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert [m["stage"] for m in body["models"]] == STAGES
+    assert [m["stage"] for m in body["models"]] == VERSIONED_STAGES
     assert {(m["name"], m["version"]) for m in body["models"]} == {
         ("intent-encoder", "1"),
         ("intent-head-linear", "1"),
@@ -99,7 +114,7 @@ def test_torch_threads_match_the_granted_cpus(intent_app):
 
 def test_models_health_and_docs(client):
     models = client.get("/v1/models").json()
-    assert [m["stage"] for m in models["models"]] == STAGES
+    assert [m["stage"] for m in models["models"]] == VERSIONED_STAGES
     assert all("champion" in m["aliases"] for m in models["models"])
     assert models["ensemble_weights"] == {"linear": 0.35, "mlp": 0.35, "bow": 0.30}
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -253,3 +268,230 @@ def test_coalesced_callers_each_get_their_own_answer(client, intent_app):
         assert together[text]["label"] == alone[text]["label"], text
         for label, p in alone[text]["probabilities"].items():
             assert together[text]["probabilities"][label] == pytest.approx(p, abs=1e-5)
+
+
+# --- observability -----------------------------------------------------------------------------
+# Request ids in every deployment's JSON log, the prediction log read back with Ray Data, live
+# drift against the reference profile the Ray Data job stored in MLflow, and every model-level
+# metric on the Prometheus endpoint. The tests below run with every request sampled, a small drift
+# window, and an A/B split with a shadow and a fallback stage (so each metric family has traffic),
+# applied in place; the shipped knobs come back afterwards. The drift test uses the held-out test
+# split (in domain) and tests/data/out_of_domain.txt, written for it: the models saw neither.
+
+OUT_OF_DOMAIN = [
+    line.strip()
+    for line in (ROOT / "tests" / "data" / "out_of_domain.txt").read_text().splitlines()
+    if line.strip()
+]
+WINDOW = 100
+GATEWAY = {
+    "monitoring": {"sample_rate": 1.0, "flush_interval_s": 0.2},
+    "experiment": {
+        "variants": [
+            {"name": "a", "alias": "champion", "weight": 1},
+            {"name": "b", "alias": "champion", "weight": 1},
+        ]
+    },
+    "shadow": {"variant": "b", "fraction": 1.0},
+    "fallback": {"stage": "BagOfWords"},
+}
+MONITOR = {
+    "drift": {"window_size": WINDOW, "min_samples": 50},
+    "prediction_log": {"enabled": True, "text": "hash"},
+    "embed_interval_s": 0.2,
+}
+
+
+def observed_config(gateway: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shipped config with the knobs above (``gateway`` replaces the gateway's)."""
+    from servecore.config_check import load_config
+
+    config = load_config(ROOT / "serve_config.yaml")
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "Gateway":
+            deployment["user_config"].update(gateway or GATEWAY)
+        if deployment["name"] == "Monitor":
+            deployment["user_config"].update(MONITOR)
+    return config
+
+
+@pytest.fixture(scope="module")
+def observed(intent_app, client) -> Iterator[Path]:
+    """The observability knobs, applied in place; yields the prediction log folder."""
+    from graphs.deploy import deploy
+    from servecore.config_check import load_config
+    from servecore.settings import get_settings
+
+    deploy(observed_config())
+    deadline = time.monotonic() + 30
+    while True:  # a user_config change lands a moment after the app reports RUNNING
+        variants = [v["name"] for v in client.get("/v1/experiments").json()["variants"]]
+        report = client.get("/v1/monitoring/drift").json()
+        if variants == ["a", "b"] and report["settings"]["window_size"] == WINDOW:
+            break
+        assert time.monotonic() < deadline, (variants, report)
+        time.sleep(0.3)
+    yield get_settings().prediction_log_folder
+    deploy(load_config(ROOT / "serve_config.yaml"))
+
+
+def predict(client: httpx.Client, texts: list[str], **headers: str) -> dict[str, Any]:
+    response = client.post("/v1/predict", json={"texts": texts}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def send(client: httpx.Client, texts: list[str], per_request: int = 10) -> None:
+    for i in range(0, len(texts), per_request):
+        predict(client, texts[i : i + per_request], **{"Cache-Control": "no-cache"})
+
+
+def drift_when(client: httpx.Client, ready, timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    report: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        report = client.get("/v1/monitoring/drift").json()
+        if ready(report):
+            return report
+        time.sleep(0.3)
+    raise AssertionError(f"drift report never got there: {report}")
+
+
+def monitor_flush() -> dict[str, Any]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Monitor", "intent").flush.remote().result(timeout_s=60)
+
+
+def serve_log_lines(request_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Per deployment, the JSON log lines of its replicas that mention ``request_id``."""
+    import ray
+
+    folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    found: dict[str, list[dict[str, Any]]] = {}
+    for path in folder.glob("replica_intent_*.log"):
+        deployment = path.name.removeprefix("replica_intent_").split("_", 1)[0]
+        for line in path.read_text(errors="replace").splitlines():
+            if request_id in line:
+                found.setdefault(deployment, []).append(json.loads(line))
+    return found
+
+
+def test_a_request_id_is_in_the_json_logs_of_every_deployment_that_served_it(client, observed):
+    request_id = f"obs-{uuid.uuid4()}"
+    response = client.post(
+        "/v1/predict",
+        json={"texts": ["my parcel is three days late"]},
+        headers={"X-Request-ID": request_id, "Cache-Control": "no-cache", "X-User-Key": "u1"},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == request_id
+    assert response.json()["request_id"] == request_id
+    wanted = {"Gateway", *STAGES}
+    deadline = time.monotonic() + 20
+    while True:
+        found = serve_log_lines(request_id)
+        if wanted <= set(found) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert wanted <= set(found), f"no line with the request id from {wanted - set(found)}"
+    for deployment in wanted:
+        for line in found[deployment]:
+            assert line["request_id"] == request_id
+            assert line["deployment"] == f"intent_{deployment}"
+            assert {"levelname", "message", "replica"} <= set(line)
+
+
+def test_sampled_predictions_are_logged_hashed_and_ray_data_reads_them(client, observed):
+    import ray.data
+
+    texts = [f"where is my order number {n}, it was due on monday" for n in range(7)]
+    answers = [predict(client, texts[:4]), predict(client, texts[4:])]
+    ids = {a["request_id"] for a in answers}
+    drift_when(client, lambda r: r["pending"] == 0 and r["records"].get("logged", 0) >= 7)
+    closed = monitor_flush()
+    assert closed["folder"] == str(observed)
+
+    rows = ray.data.read_json(str(observed), file_extensions=["jsonl"]).take_all()
+    mine = [r for r in rows if r["request_id"] in ids]
+    assert len(mine) == 7
+    by_hash = {r["text_hash"]: r for r in mine}
+    expected = {
+        t: p
+        for a, part in zip(answers, (texts[:4], texts[4:]), strict=True)
+        for t, p in zip(part, a["predictions"], strict=True)
+    }
+    for text, prediction in expected.items():
+        row = by_hash["sha256:" + hashlib.sha256(text.encode()).hexdigest()]
+        assert "text" not in row
+        assert row["label"] == prediction["label"]
+        for label, p in prediction["probabilities"].items():
+            assert abs(row["probabilities"][label] - p) < 1e-6
+        assert row["models"]["Encoder"] == "intent-encoder/1"
+        assert row["latency_ms"] > 0 and row["variant"] in ("a", "b")
+        assert row["cached"] is False and row["degraded"] is False
+    assert not list(observed.glob("*.part"))
+
+
+def test_held_out_texts_raise_no_alarm_and_out_of_domain_texts_do(client, observed):
+    test_texts, _ = load_split("test")
+    send(client, test_texts[::2])  # every other text: all six labels, a full window
+    report = drift_when(client, lambda r: r["pending"] == 0 and r.get("window") == WINDOW)
+    assert report["status"] == "ok", report
+    assert report["alarm"] is False
+    assert report["signals"]["embedding"]["score"] < 0.2
+    assert report["reference"]["encoder"] == "models:/intent-encoder/1"
+    assert report["reference"]["rows"] == 840
+
+    send(client, OUT_OF_DOMAIN + OUT_OF_DOMAIN[: WINDOW - len(OUT_OF_DOMAIN)])
+    report = drift_when(client, lambda r: r["pending"] == 0 and r["alarm"])
+    assert report["status"] == "drift"
+    embedding = report["signals"]["embedding"]
+    assert embedding["alarm"] is True and embedding["score"] > 0.6
+    assert embedding["live_median"] < embedding["reference_median"]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Family → the largest sample value of any of its series (histograms: ``_count``)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    largest: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith("ray_intent_"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        value = float(line.rsplit(" ", 1)[1])
+        largest[name] = max(largest.get(name, 0.0), value)
+    return largest
+
+
+def test_every_model_metric_family_is_exported_with_traffic(client, observed, serve_instance):
+    from graphs.deploy import deploy
+
+    test_texts, _ = load_split("test")
+    send(client, test_texts[:60])
+    predict(client, test_texts[:5])  # cache hits
+    # Fallbacks: a primary deadline nobody can meet, then the shipped one back.
+    slow = {**GATEWAY, "fallback": {"stage": "BagOfWords", "deadline_s": 0.001}}
+    deploy(observed_config(slow))
+    deadline = time.monotonic() + 30
+    while not predict(client, ["the app crashes on start"], **{"Cache-Control": "no-cache"})[
+        "degraded"
+    ]:
+        assert time.monotonic() < deadline, "the new fallback deadline never applied"
+    deploy(observed_config())
+    job = client.post("/v1/jobs", json={"texts": ["refund my return", "reset my password"]})
+    assert job.status_code == 202
+    send(client, OUT_OF_DOMAIN * 2)
+
+    wanted = {
+        exported_name(spec) + ("_count" if spec.kind == "histogram" else ""): spec
+        for spec in CATALOGUE
+    }
+    deadline = time.monotonic() + 90
+    while True:
+        found = scrape(serve_instance.metrics_port)
+        missing = sorted(name for name in wanted if found.get(name, 0.0) <= 0)
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, f"families without a non-zero value: {missing}"

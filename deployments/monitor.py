@@ -79,6 +79,13 @@ class Monitor:
         self.last_error: str | None = None
         self._worker: asyncio.Task[None] | None = None
 
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown: close the open log file so that readers,
+        # which only take closed (``.jsonl``) files, see its records.
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
+
     async def reconfigure(self, config: dict[str, Any]) -> None:
         self.knobs = MonitorUserConfig.model_validate(config or {})
         self.log.configure(self.knobs.prediction_log)

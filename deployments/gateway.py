@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import numpy as np
@@ -35,13 +36,18 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.stage import StageOutput
 from servecore import LABELS
+from servecore.auth import ANONYMOUS, Guard, KeyRing, LimitsConfig
 from servecore.batching import split_batch, text_batch
 from servecore.coalescer import Coalescer
 from servecore.errors import (
     InvalidRequest,
+    JobsUnavailable,
     ModelNotFound,
     ModelUnavailable,
+    NotDeployed,
     NotReady,
+    PipelineTimeout,
+    RegistryError,
     TooManyTexts,
 )
 from servecore.experiments import (
@@ -55,7 +61,7 @@ from servecore.experiments import (
     ShadowStats,
     VariantStats,
 )
-from servecore.http_errors import install_error_handlers, request_id
+from servecore.http_errors import error_response, install_error_handlers, request_id
 from servecore.jobs import JobState, JobStore, dataset_path, public_job
 from servecore.prediction_log import records as log_records
 from servecore.releases import Release, poll_ticks, spec_model_uris
@@ -75,6 +81,8 @@ from servecore.schemas import (
     Prediction,
     PredictRequest,
     PredictResponse,
+    PromoteRequest,
+    RollbackRequest,
 )
 from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
@@ -89,17 +97,17 @@ STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
 
 MAX_CONCURRENT_BATCHES = 4
 READY_TIMEOUT_S = 10.0
+# Every route behind the guard may also answer 401, 403, 413 and 429 (servecore.auth).
+GUARD_CODES = (401, 403, 413, 429)
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 404, 422, 503, 504, *GUARD_CODES)
 }
 JOB_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503, *GUARD_CODES)
 }
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
 GraphRequest = tuple[list[str], str]
 """What the coalescer gathers: one request's texts and its request id."""
-ANONYMOUS = "anonymous"
-"""The owner of jobs submitted without credentials (until API keys exist, every caller)."""
 
 
 app = FastAPI(
@@ -108,6 +116,22 @@ app = FastAPI(
     description="Customer-support intent routing on Ray Serve, models from the MLflow registry.",
 )
 install_error_handlers(app)
+
+
+class _Policy:
+    """What :class:`~servecore.auth.Guard` enforces in this process, set by its Gateway replica
+    (keys from the settings at start-up, limits from ``user_config.limits`` live)."""
+
+    keyring = KeyRing([])
+    limits = LimitsConfig()
+
+
+app.add_middleware(
+    Guard,
+    keyring=lambda: _Policy.keyring,
+    limits=lambda: _Policy.limits,
+    render=error_response,
+)
 
 
 class JobsConfig(BaseModel):
@@ -121,8 +145,8 @@ class JobsConfig(BaseModel):
 
 
 def caller(request: Request) -> str:
-    """The identity that owns what a request creates (jobs). Authentication sets
-    ``request.state.caller``; without it every caller is :data:`ANONYMOUS`."""
+    """The identity that owns what a request creates (jobs): the API key's name, set by the
+    guard in ``request.state.caller``; :data:`ANONYMOUS` while no key is configured."""
     return getattr(request.state, "caller", None) or ANONYMOUS
 
 
@@ -161,6 +185,7 @@ class GatewayUserConfig(BaseModel):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     @model_validator(mode="after")
@@ -236,6 +261,16 @@ class Gateway:
         self.breaker = CircuitBreaker(knobs.fallback.failure_threshold, knobs.fallback.cooldown_s)
         self.fallbacks: dict[str, int] = {}
         self.cache = ResponseCache(knobs.cache)
+        _Policy.keyring = KeyRing(get_settings().api_keys)
+        _Policy.limits = knobs.limits
+        if _Policy.keyring.open:
+            logger.warning(
+                "NO API KEYS ARE CONFIGURED: every route is open to anyone who can reach this "
+                "port. Set INTENT_SERVING_API_KEYS (python -m servecore.auth new NAME) before "
+                "exposing it."
+            )
+        else:
+            logger.info("API keys: %s", [k.name for k in _Policy.keyring.keys])
         logger.info("gateway serving %s", {n: r.key for n, r in self.releases.items()})
 
     # --- configuration and releases -----------------------------------------------------------
@@ -272,6 +307,7 @@ class Gateway:
                 knobs.fallback.failure_threshold, knobs.fallback.cooldown_s
             )
         self.cache.configure(knobs.cache)
+        _Policy.limits = knobs.limits
         self._ensure_watcher()
 
     def _alias_of(self, variant: str) -> str | None:
@@ -300,34 +336,42 @@ class Gateway:
                 self.release_error = f"registry poll failed: {e}"
                 logger.warning("%s", self.release_error)
                 continue
-            moved = {
-                name: release
-                for name, release in found.items()
-                if name in self.releases and not release.same_versions(self.releases[name])
-            }
+            moved = self._moved(found)
             if not moved:
                 candidate = {}
                 continue
             if any(not r.same_versions(candidate.get(n)) for n, r in moved.items()):
                 candidate = moved  # wait for a second poll to agree: aliases move one by one
                 continue
-            try:
-                for release in moved.values():
-                    await asyncio.wait_for(
-                        self._classify(["warm-up"], release), 6 * self.graph_timeout_s
-                    )
-            except Exception as e:  # noqa: BLE001 - the old release keeps answering
-                self.release_error = f"warm-up of {list(moved)} failed: {e!r}"
-                logger.error("%s", self.release_error)
-                continue
-            for name, release in moved.items():
-                logger.info("gateway: %s %s -> %s", name, self.releases[name].key, release.key)
-                self.previous_releases[name] = self.releases[name]
-                self.releases[name] = release
-            self.release_swaps += 1
-            self.release_error = None
-            self.cache.clear()
+            await self._switch(moved)
             candidate = {}
+
+    def _moved(self, found: dict[str, Release]) -> dict[str, Release]:
+        return {
+            name: release
+            for name, release in found.items()
+            if name in self.releases and not release.same_versions(self.releases[name])
+        }
+
+    async def _switch(self, moved: dict[str, Release]) -> bool:
+        """Warm ``moved`` up through the whole graph, then serve it; on failure keep the old."""
+        try:
+            for release in moved.values():
+                await asyncio.wait_for(
+                    self._classify(["warm-up"], release), 6 * self.graph_timeout_s
+                )
+        except Exception as e:  # noqa: BLE001 - the old release keeps answering
+            self.release_error = f"warm-up of {list(moved)} failed: {e!r}"
+            logger.error("%s", self.release_error)
+            return False
+        for name, release in moved.items():
+            logger.info("gateway: %s %s -> %s", name, self.releases[name].key, release.key)
+            self.previous_releases[name] = self.releases[name]
+            self.releases[name] = release
+        self.release_swaps += 1
+        self.release_error = None
+        self.cache.clear()
+        return True
 
     # --- the graph ---------------------------------------------------------------------------
 
@@ -517,6 +561,11 @@ class Gateway:
             except (PrimaryUnavailable, *STAGE_ERRORS) as e:
                 if self.knobs.fallback.stage is None:
                     stats.errors += 1
+                    if isinstance(e, TimeoutError):
+                        raise PipelineTimeout(
+                            f"the model pipeline did not answer within {self.graph_timeout_s:g}s;"
+                            " retry shortly"
+                        ) from e
                     raise ModelUnavailable(
                         "the model pipeline is unavailable; retry shortly"
                     ) from e
@@ -660,6 +709,10 @@ class Gateway:
                 self.stages["Encoder"].remote(tokens, pin=release.pin(self.stage_uris["Encoder"])),
                 self.graph_timeout_s,
             )
+        except TimeoutError as e:
+            raise PipelineTimeout(
+                f"the encoder did not answer within {self.graph_timeout_s:g}s; retry shortly"
+            ) from e
         except STAGE_ERRORS as e:
             raise ModelUnavailable("the encoder is unavailable; retry shortly") from e
         vectors: np.ndarray = output.batch["embedding"]
@@ -706,7 +759,7 @@ class Gateway:
             variants={name: r.key for name, r in self.releases.items()},
         )
 
-    @app.get("/v1/experiments", response_model=ExperimentsResponse)
+    @app.get("/v1/experiments", response_model=ExperimentsResponse, responses=ERRORS)
     async def experiments(self) -> ExperimentsResponse:
         """The A/B split with per-variant requests, latency and label counts; the shadow
         comparison (agreement, latency difference); fallbacks and the breaker; the cache."""
@@ -737,6 +790,17 @@ class Gateway:
         if self._job_store is None:
             self._job_store = JobStore(get_settings().job_store)
         return self._job_store
+
+    async def _in_store(self, call: Any) -> Any:
+        """Run a job-store call in a thread; a store that cannot be reached is a 503, not a 500
+        (the store's own refusals, 404/409, pass through)."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return await asyncio.to_thread(call)
+        except SQLAlchemyError as e:
+            logger.error("job store unavailable: %s", e)
+            raise JobsUnavailable("the job store is unavailable; retry shortly") from e
 
     def _send_job(self, job_id: str) -> None:
         from deployments.job_runner import JobProducer
@@ -785,7 +849,7 @@ class Gateway:
         user_key = request.headers.get(self.knobs.experiment.sticky_header)
         if user_key is not None and "texts" in stored:
             stored["user_key"] = user_key
-        job, created = await asyncio.to_thread(
+        job, created = await self._in_store(
             lambda: self._jobs().create(
                 owner=caller(request),
                 kind="texts" if body.texts is not None else "dataset",
@@ -816,7 +880,7 @@ class Gateway:
         """Your jobs, newest first, without results; ``after`` is the previous page's
         ``next_cursor``."""
         limit = min(limit, self.knobs.jobs.list_page_max)
-        jobs, cursor = await asyncio.to_thread(
+        jobs, cursor = await self._in_store(
             lambda: self._jobs().page(caller(request), limit=limit, after=after, state=state)
         )
         return JobList(jobs=[public_job(j, with_result=False) for j in jobs], next_cursor=cursor)
@@ -825,14 +889,14 @@ class Gateway:
     async def get_job(self, job_id: JobId, request: Request) -> Response:
         """State, progress, timestamps, webhook deliveries and, once done, the result (texts:
         predictions and model versions; datasets: where the output is)."""
-        job = await asyncio.to_thread(lambda: self._jobs().get(job_id, caller(request)))
+        job = await self._in_store(lambda: self._jobs().get(job_id, caller(request)))
         return _json(public_job(job))
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, responses=JOB_ERRORS)
     async def cancel_job(self, job_id: JobId, request: Request) -> Response:
         """Cancel: a queued job at once, a running one at its next chunk (``cancel_requested``
         until then). A finished job answers 409."""
-        job = await asyncio.to_thread(lambda: self._jobs().cancel(job_id, caller(request)))
+        job = await self._in_store(lambda: self._jobs().cancel(job_id, caller(request)))
         return _json(public_job(job, with_result=False), 202)
 
     # --- monitoring ----------------------------------------------------------------------------
@@ -843,13 +907,61 @@ class Gateway:
         ``status`` (``ok``, ``drift``, ``warming_up``, ``no_reference``, ``no_traffic``), each
         signal's score, threshold and alarm, the window and the reference it is compared with."""
         if self.monitor is None:
-            raise NotReady("no monitor is deployed with this application")
+            raise NotDeployed("this application has no monitor deployment")
         try:
             report = await asyncio.wait_for(self.monitor.drift.remote(), READY_TIMEOUT_S)
         except STAGE_ERRORS as e:
             raise ModelUnavailable("the monitor is unavailable; retry shortly") from e
         report["gateway_samples_dropped"] = self.samples_dropped
         return _json(report)
+
+    # --- admin ---------------------------------------------------------------------------------
+
+    @app.post("/v1/admin/promote", responses=ERRORS)
+    async def promote(self, body: PromoteRequest) -> Response:
+        """Move ``alias`` of each model to the given version (all checked before any moves),
+        as ``python -m servecore.models promote`` does; every gateway follows within its poll
+        interval, or at once with ``/v1/admin/reload``."""
+        from servecore.models import promote
+
+        moves = await asyncio.to_thread(
+            self._registry_call, lambda: promote(list(body.versions.items()), body.alias)
+        )
+        return _json({"moves": [asdict(m) for m in moves]})
+
+    @app.post("/v1/admin/rollback", responses=ERRORS)
+    async def rollback(self, body: RollbackRequest) -> Response:
+        """Move ``alias`` of each model back to the version it named before its last move."""
+        from servecore.models import rollback
+
+        moves = await asyncio.to_thread(
+            self._registry_call, lambda: rollback(body.models, body.alias)
+        )
+        return _json({"moves": [asdict(m) for m in moves]})
+
+    @app.post("/v1/admin/reload", responses=ERRORS)
+    async def reload(self) -> Response:
+        """Resolve every variant's aliases now and switch to what moved (after a warm-up call
+        through the whole graph), without waiting for the next poll."""
+        found = await asyncio.to_thread(self._registry_call, self._resolve_all)
+        moved = self._moved(found)
+        if moved and not await self._switch(moved):
+            raise ModelUnavailable(f"the new release did not warm up: {self.release_error}")
+        return _json(
+            {
+                "switched": sorted(moved),
+                "variants": {name: r.key for name, r in self.releases.items()},
+            }
+        )
+
+    @staticmethod
+    def _registry_call(call: Any) -> Any:
+        """A registry change or read for an admin route: a refused one (unknown model or
+        version, nothing to roll back to) is the caller's 422, not a 503."""
+        try:
+            return call()
+        except RegistryError as e:
+            raise InvalidRequest(f"the registry refused: {e.message}") from e
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:

@@ -78,6 +78,29 @@ class ModelUnavailable(ServingError):
     headers = {"Retry-After": "1"}
 
 
+class NotDeployed(ServingError):
+    """The route's feature is not part of this application (e.g. no monitor deployed)."""
+
+    status_code = 404
+    error_type = "not_deployed"
+
+
+class JobsUnavailable(ServingError):
+    """The job store (or queue) cannot be reached; nothing was accepted."""
+
+    status_code = 503
+    error_type = "jobs_unavailable"
+    headers = {"Retry-After": "1"}
+
+
+class PipelineTimeout(ServingError):
+    """The pipeline did not answer within the gateway's deadline; the caller may retry."""
+
+    status_code = 504
+    error_type = "timeout"
+    headers = {"Retry-After": "1"}
+
+
 class RegistryError(ServingError):
     """The MLflow registry could not resolve or load a model reference."""
 

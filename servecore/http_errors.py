@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,17 @@ def request_id(request: Request) -> str:
     except Exception:  # noqa: BLE001 - outside Serve (unit tests) there is no request context
         pass
     return request.headers.get("x-request-id") or str(uuid.uuid4())
+
+
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str], scope: dict[str, Any]
+) -> JSONResponse:
+    """The one error shape for a response made before any route runs (the auth middleware)."""
+    error = ServingError(message)
+    error.status_code = status
+    error.error_type = error_type
+    error.headers = headers
+    return _render(error, Request(scope))
 
 
 def _render(error: ServingError, request: Request) -> JSONResponse:

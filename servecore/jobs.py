@@ -151,6 +151,9 @@ class JobStore:
         connect_args: dict[str, Any] = {}
         if url.startswith("sqlite"):
             connect_args = {"timeout": 30, "check_same_thread": False}
+            database = sa.engine.make_url(url).database
+            if database and database != ":memory:":  # the embedded default: create its folder
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
         if url.startswith("sqlite"):
 

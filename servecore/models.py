@@ -75,7 +75,12 @@ def _current(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def history(client: MlflowClient, name: str, alias: str = DEFAULT_ALIAS) -> list[str]:
     """Versions ``name@alias`` pointed to before, oldest first."""
-    tags = client.get_registered_model(name).tags or {}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags or {}
+    except MlflowException as e:
+        raise RegistryError(f"no registered model {name!r}: {e.message}") from e
     raw = tags.get(HISTORY_TAG.format(alias=alias))
     if not raw:
         return []

@@ -156,16 +156,19 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            # What the validator below enforces, stated in the schema for clients and fuzzers.
+            "oneOf": [{"required": ["texts"]}, {"required": ["dataset"]}],
             "examples": [
                 {"texts": ["I was charged twice", "where is my parcel?"]},
                 {"dataset": {"path": "tickets.parquet"}, "callback_url": "https://example.com/h"},
-            ]
+            ],
         },
     )
 
-    texts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_JOB_TEXTS)
-    dataset: DatasetInput | None = None
-    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    # Absent means "not given"; an explicit null is refused, as the schema says (no null type).
+    texts: list[Text] = Field(None, min_length=1, max_length=MAX_JOB_TEXTS)  # type: ignore[arg-type]
+    dataset: DatasetInput = None  # type: ignore[assignment]
+    callback_url: str = Field(None, min_length=1, max_length=2048)  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> JobRequest:
@@ -179,3 +182,27 @@ class JobList(BaseModel):
     """Newest first, without results (fetch one job for its result)."""
     next_cursor: str | None
     """Pass as ``after`` for the next page; null on the last page."""
+
+
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+_ALIAS_NAME = r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$"
+
+
+class PromoteRequest(BaseModel):
+    """``POST /v1/admin/promote``: registered model name → version, moved together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    versions: dict[
+        Annotated[str, Field(pattern=_MODEL_NAME)], Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+    ] = Field(min_length=1, max_length=32)
+    alias: str = Field(default="champion", pattern=_ALIAS_NAME)
+
+
+class RollbackRequest(BaseModel):
+    """``POST /v1/admin/rollback``: models whose alias goes back one step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[Annotated[str, Field(pattern=_MODEL_NAME)]] = Field(min_length=1, max_length=32)
+    alias: str = Field(default="champion", pattern=_ALIAS_NAME)

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from servecore.auth import ApiKey
+
 
 def project_root() -> Path:
     """The checkout holding the shipped data and configs, else the working directory."""
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
     webhook_allow: str = ""
     """Comma-separated networks that callbacks may reach although they are private or loopback
     (e.g. ``10.1.0.0/16``); empty allows public addresses only."""
+
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    """The API keys, hashed: a JSON list of ``{"name", "hash", "scopes", ["rate_per_s", "burst"]}``
+    (``python -m servecore.auth new NAME`` makes one). Empty: every route is open (local use)."""
 
     prediction_log_dir: Path | None = None
     """Where the monitor writes the prediction log (rotated JSON lines); default

@@ -81,8 +81,6 @@ def serve_instance(registry: Registry) -> Iterator[ServeInstance]:
         num_cpus=2,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
-        # Metrics reach the Prometheus endpoint within a second or two (default: 10 s).
-        _system_config={"metrics_report_interval_ms": 1000},
         logging_level="WARNING",
         # Replicas import test fixtures (tests.fixtures) whatever directory pytest ran from.
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},

@@ -65,11 +65,13 @@ def fake_graph(
     gateway_config: dict | None = None,
     actor_options: dict | None = None,
     job_runner: Any = None,
+    gateway_options: dict | None = None,
 ) -> Any:
     """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application.
 
     ``overrides`` replaces stages by deployment name; stages in neither (the ensemble, extra
     members) run their real class from the spec. Every replica asks for no CPU.
+    ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer).
     """
     from deployments.gateway import Gateway
     from deployments.stage import Stage
@@ -83,6 +85,9 @@ def fake_graph(
             name=plan.deployment, ray_actor_options=options
         ).bind(stage_class, kwargs, plan.output_prefix)
     gateway = Gateway.options(
-        name="Gateway", ray_actor_options=options, user_config=gateway_config or {}
+        name="Gateway",
+        ray_actor_options=options,
+        user_config=gateway_config or {},
+        **(gateway_options or {}),
     )
     return gateway.bind(spec.model_dump(), stages, job_runner)

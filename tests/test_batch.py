@@ -2,7 +2,8 @@
 
 The job tests run on the session's Ray instance (``serve_instance``; nothing here starts or stops
 Ray) with the shipped config and registry, score the shipped test split plus bad rows, and hold the
-results against the in-process pipeline and, through the parity command, the served app.
+results against the in-process pipeline. The parity gate against the served app runs in
+``tests/test_serve_http.py``, which has the app deployed already.
 """
 
 from __future__ import annotations
@@ -228,18 +229,3 @@ def test_job_scores_every_good_row_and_rejects_the_bad_ones(
     assert predictions["label"].tolist() == [str(label) for label in reference["label"]]
     offline = predictions[[probability_column(label) for label in LABELS]].to_numpy()
     np.testing.assert_allclose(offline, reference["probs"], atol=1e-5, rtol=0)
-
-
-@pytest.mark.serve
-def test_parity_gate_passes_against_the_served_app(intent_app, test_rows, tmp_path, capsys):
-    import pyarrow.parquet as pq
-
-    source = tmp_path / "test-split.parquet"
-    pq.write_table(
-        pa.table({"id": [i for i, _ in test_rows], "body": [t for _, t in test_rows]}), source
-    )
-    argv = ["parity", "--config", str(CONFIG), "--input", str(source), "--url", intent_app]
-    code = cli.main([*argv, "--text-column", "body", "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert f"parity PASS: {len(test_rows)} rows, 0 label mismatches" in out

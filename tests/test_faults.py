@@ -84,13 +84,18 @@ def test_a_failing_stage_gives_a_503_without_internal_details_or_a_backup(faulty
     assert _delta(_fallbacks(faulty), before) == {}
 
 
-def test_a_stage_past_the_deadline_gives_a_503_in_time(faulty):
+def test_a_stage_past_the_deadline_gives_a_clear_timeout_in_time(faulty):
     deploy_fake_graph({"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 10.0})}, 1.0)
     started = time.monotonic()
     response = _predict(faulty)
     assert time.monotonic() - started < 8.0
-    assert response.status_code == 503
-    assert response.json()["error"]["type"] == "model_unavailable"
+    assert response.status_code == 504
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"] == {
+        "type": "timeout",
+        "message": "the model pipeline did not answer within 1s; retry shortly",
+        "request_id": response.headers["x-request-id"],
+    }
 
 
 def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):

@@ -221,3 +221,12 @@ def test_delivery_signs_the_body_and_reports_failures(receiver) -> None:
 def test_backoff_doubles_up_to_the_cap() -> None:
     policy = WebhookPolicy(secret="k", backoff_s=1.0, max_delay_s=5.0)
     assert [policy.retry_delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_the_embedded_store_creates_its_folder(tmp_path: Path) -> None:
+    """A gateway without a job runner is the first to touch the store: its folder may not exist."""
+    store = JobStore(f"sqlite:///{tmp_path / 'not' / 'yet' / 'jobs.db'}")
+    job, created = store.create(
+        owner="a", kind="texts", request={"texts": ["x"]}, total=1, idempotency_key=None
+    )
+    assert created and store.get(job.id, "a").state == "queued"

@@ -7,6 +7,9 @@ so every request pays every downstream hop. Here a slot is taken first and the b
 is queued at that moment (up to ``max_batch_size`` rows): batches grow exactly when the pipeline is
 busy, and a lone request goes out at once.
 
+A caller that goes away (its ``submit`` is cancelled, as Serve does when the client disconnects)
+is dropped from the queue; a running batch whose callers have all gone away is cancelled.
+
 Plain asyncio, no Ray: one instance per event loop (per gateway replica).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -105,6 +109,18 @@ class Coalescer(Generic[Item, Result]):
                 task = asyncio.create_task(self._run(batch))
                 self._tasks.add(task)  # the loop keeps only weak references to tasks
                 task.add_done_callback(self._tasks.discard)
+                orphaned = functools.partial(self._abandon_if_orphaned, task, batch)
+                for pending in batch:
+                    pending.future.add_done_callback(orphaned)
+
+    @staticmethod
+    def _abandon_if_orphaned(
+        task: asyncio.Task[None], batch: list[_Pending[Item, Result]], _: object = None
+    ) -> None:
+        """Every caller of a running batch went away (cancelled, e.g. the client disconnected):
+        stop its work, which cancels the downstream calls, instead of finishing for nobody."""
+        if not task.done() and all(p.future.cancelled() for p in batch):
+            task.cancel()
 
     def _take_batch(self) -> list[_Pending[Item, Result]]:
         batch: list[_Pending[Item, Result]] = []

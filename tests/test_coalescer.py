@@ -98,6 +98,25 @@ async def test_a_cancelled_caller_is_dropped_from_the_next_batch():
     assert recorder.batches == [["first"], ["kept"]]
 
 
+async def test_a_running_batch_whose_callers_all_left_is_cancelled():
+    """A client that disconnects cancels its work: the batch stops, the slot comes back."""
+    recorder = Recorder()
+    coalescer = Coalescer(recorder, max_batch_size=8, max_concurrent=1)
+    recorder.release.clear()
+    callers = [asyncio.create_task(coalescer.submit(t)) for t in ("a", "b")]
+    await recorder.started.wait()
+    (running,) = coalescer._tasks
+    callers[0].cancel()
+    await asyncio.sleep(0.01)
+    assert not running.done()  # "b" still waits for the batch
+    callers[1].cancel()
+    await asyncio.sleep(0.01)
+    assert running.cancelled()
+    recorder.release.set()
+    assert await coalescer.submit("after") == "AFTER"
+    assert recorder.batches == [["a", "b"], ["after"]]
+
+
 async def test_concurrency_and_sizes_change_live():
     recorder = Recorder()
     coalescer = Coalescer(recorder, max_batch_size=8, max_concurrent=1)

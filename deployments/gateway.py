@@ -47,7 +47,7 @@ from servecore.errors import (
     NotDeployed,
     NotReady,
     PipelineTimeout,
-    RegistryError,
+    RegistryUnavailable,
     TooManyTexts,
 )
 from servecore.experiments import (
@@ -64,6 +64,7 @@ from servecore.experiments import (
 from servecore.http_errors import error_response, install_error_handlers, request_id
 from servecore.jobs import JobState, JobStore, dataset_path, public_job
 from servecore.prediction_log import records as log_records
+from servecore.registry import registry_failure
 from servecore.releases import Release, poll_ticks, spec_model_uris
 from servecore.schemas import (
     MAX_JOB_TEXTS,
@@ -90,6 +91,8 @@ from servecore.telemetry import metric
 from servecore.webhooks import check_target, parse_networks
 
 logger = logging.getLogger("ray.serve")
+
+POLL_FAILED = "registry poll failed"
 
 # A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
 # retry: 503. RayServeException covers BackPressureError and DeploymentUnavailableError.
@@ -333,9 +336,12 @@ class Gateway:
             try:
                 found = await asyncio.to_thread(self._resolve_all)
             except Exception as e:  # noqa: BLE001 - keep serving the current releases
-                self.release_error = f"registry poll failed: {e}"
+                self.release_error = f"{POLL_FAILED}: {e}"
                 logger.warning("%s", self.release_error)
                 continue
+            if self.release_error is not None and self.release_error.startswith(POLL_FAILED):
+                logger.info("the registry answers again")
+                self.release_error = None
             moved = self._moved(found)
             if not moved:
                 candidate = {}
@@ -957,11 +963,16 @@ class Gateway:
     @staticmethod
     def _registry_call(call: Any) -> Any:
         """A registry change or read for an admin route: a refused one (unknown model or
-        version, nothing to roll back to) is the caller's 422, not a 503."""
+        version, nothing to roll back to) is the caller's 422; a store that does not answer is
+        a 503 ``registry_unavailable`` with Retry-After, and the models loaded keep serving."""
         try:
             return call()
-        except RegistryError as e:
-            raise InvalidRequest(f"the registry refused: {e.message}") from e
+        except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+            failure = registry_failure(e, "the registry call failed")
+            if isinstance(failure, RegistryUnavailable):
+                logger.warning("%s", failure.message)
+                raise failure from e
+            raise InvalidRequest(f"the registry refused: {failure.message}") from e
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:

@@ -37,8 +37,9 @@ import numpy as np
 from servecore import LABELS
 from servecore.batching import text_batch
 from servecore.dataset import load_split
+from servecore.errors import RegistryError, RegistryUnavailable
 from servecore.evaluation import accuracy, macro_f1
-from servecore.registry import get_client
+from servecore.registry import get_client, registry_failure
 from servecore.settings import get_settings, project_root
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,12 @@ class Bootstrapper:
         self.experiment_id = experiment_id
 
     def has_champion(self, name: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
         try:
             self.client.get_model_version_by_alias(name, ALIAS)
-        except MlflowException:
+        except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+            failure = registry_failure(e, f"cannot read {name}@{ALIAS}")
+            if isinstance(failure, RegistryUnavailable):
+                raise failure from e
             return False
         return True
 
@@ -392,9 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     train_texts, train_labels = load_split("train")
     test_texts, test_labels = load_split("test")
     data = Data(train_texts, train_labels, test_texts, test_labels)
-    bootstrapper = Bootstrapper(weights, members)
-    before = {name: bootstrapper.has_champion(name) for name in SHIPPED}
-    results = bootstrapper.run(data)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        bootstrapper = Bootstrapper(weights, members)
+        before = {name: bootstrapper.has_champion(name) for name in SHIPPED}
+        results = bootstrapper.run(data)
+    except (MlflowException, RegistryError) as e:
+        # An unreachable store is an operator's problem to fix, not a traceback to read.
+        print(f"error: {registry_failure(e, 'the bootstrap failed').message}", file=sys.stderr)
+        return 2
     print(f"registry: {get_settings().tracking_uri}")
     if args.reference:
         from batch.reference import ensure_reference

@@ -108,5 +108,13 @@ class RegistryError(ServingError):
     error_type = "registry_error"
 
 
+class RegistryUnavailable(RegistryError):
+    """The MLflow store did not answer, or failed: not the caller's fault, and worth a retry."""
+
+    status_code = 503
+    error_type = "registry_unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class ConfigError(Exception):
     """A configuration file or pipeline spec is invalid (raised by the CLIs, never over HTTP)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from servecore.errors import RegistryError
-from servecore.registry import get_client
+from servecore.registry import get_client, registry_failure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -63,24 +63,20 @@ def _check_alias(alias: str) -> str:
 
 
 def _current(client: MlflowClient, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         model = client.get_registered_model(name)
-    except MlflowException as e:
-        raise RegistryError(f"no registered model {name!r}: {e.message}") from e
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot read registered model {name!r}") from e
     version = (model.aliases or {}).get(alias)
     return None if version is None else str(version)
 
 
 def history(client: MlflowClient, name: str, alias: str = DEFAULT_ALIAS) -> list[str]:
     """Versions ``name@alias`` pointed to before, oldest first."""
-    from mlflow.exceptions import MlflowException
-
     try:
         tags = client.get_registered_model(name).tags or {}
-    except MlflowException as e:
-        raise RegistryError(f"no registered model {name!r}: {e.message}") from e
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot read registered model {name!r}") from e
     raw = tags.get(HISTORY_TAG.format(alias=alias))
     if not raw:
         return []
@@ -93,20 +89,28 @@ def history(client: MlflowClient, name: str, alias: str = DEFAULT_ALIAS) -> list
 
 
 def _set_history(client: MlflowClient, name: str, alias: str, versions: list[str]) -> None:
-    client.set_registered_model_tag(
-        name, HISTORY_TAG.format(alias=alias), json.dumps(versions[-HISTORY_LIMIT:])
-    )
+    try:
+        client.set_registered_model_tag(
+            name, HISTORY_TAG.format(alias=alias), json.dumps(versions[-HISTORY_LIMIT:])
+        )
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot record the alias history of {name}") from e
+
+
+def _move_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot point {name}@{alias} at version {version}") from e
 
 
 def _existing_version(client: MlflowClient, name: str, version: str) -> str:
-    from mlflow.exceptions import MlflowException
-
     if not str(version).isdigit():
         raise RegistryError(f"version must be a number, got {version!r}")
     try:
         return str(client.get_model_version(name, str(version)).version)
-    except MlflowException as e:
-        raise RegistryError(f"{name} has no version {version}: {e.message}") from e
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot read {name} version {version}") from e
 
 
 def promote(
@@ -130,7 +134,7 @@ def promote(
             continue
         if previous is not None:
             _set_history(client, name, alias, [*history(client, name, alias), previous])
-        client.set_registered_model_alias(name, alias, version)
+        _move_alias(client, name, alias, version)
         moves.append(Move(name, alias, previous, version))
     return moves
 
@@ -151,7 +155,7 @@ def rollback(
     for name, past in plans:
         previous = _current(client, name, alias)
         target = past[-1]
-        client.set_registered_model_alias(name, alias, target)
+        _move_alias(client, name, alias, target)
         _set_history(client, name, alias, past[:-1])
         moves.append(Move(name, alias, previous, target))
     return moves
@@ -159,15 +163,13 @@ def rollback(
 
 def listing(client: MlflowClient | None = None, names: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every version of the registered models (or of ``names``), newest first per model."""
-    from mlflow.exceptions import MlflowException
-
     client = client or get_client()
     try:
         models = [client.get_registered_model(n) for n in names] or list(
             client.search_registered_models()
         )
-    except MlflowException as e:
-        raise RegistryError(e.message) from e
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, "cannot list registered models") from e
     rows = []
     for model in sorted(models, key=lambda m: m.name):
         by_version: dict[str, list[str]] = {}

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from servecore.errors import RegistryError
+from servecore.errors import RegistryError, RegistryUnavailable
 from servecore.settings import get_settings
 
 if TYPE_CHECKING:
@@ -62,11 +62,58 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["alias"], match["version"]
 
 
+_USERINFO = re.compile(r"//[^/@\s]+@")
+
+_REFUSALS = frozenset(
+    {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
+)
+"""MLflow error codes that mean the store answered and said no (an unknown model, version or
+alias); any other failure means the store could not answer."""
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` without credentials (``https://user:token@host`` → ``https://host``)."""
+    parsed = urlparse(uri)
+    if parsed.username is None and parsed.password is None:
+        return uri
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port is not None else host
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def registry_failure(error: Exception, what: str) -> RegistryError:
+    """An exception from an MLflow call, as ours: a refusal stays a :class:`RegistryError`
+    (the caller asked for something that is not there); anything else — a refused connection,
+    a timeout, a server error, a broken database — is :class:`RegistryUnavailable`, naming the
+    store so that an operator knows where to look."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, RegistryError):
+        return error
+    if isinstance(error, MlflowException) and error.error_code in _REFUSALS:
+        return RegistryError(f"{what}: {error.message}")
+    detail = error.message if isinstance(error, MlflowException) else repr(error)
+    store = display_uri(get_settings().tracking_uri)
+    # The client's own message repeats the URL it called, credentials included.
+    detail = _USERINFO.sub("//", detail)
+    return RegistryUnavailable(
+        f"{what}: the model registry at {store} is unreachable or failing ({detail})"
+    )
+
+
 def configure_mlflow() -> str:
-    """Point this process's MLflow client at the configured store and return its URI."""
+    """Point this process's MLflow client at the configured store and return its URI.
+
+    Also bounds MLflow's HTTP retries and timeout (settings ``registry_retries`` and
+    ``registry_timeout_s``) unless the MLflow variables are set explicitly.
+    """
     import mlflow
 
-    uri = get_settings().tracking_uri
+    settings = get_settings()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.registry_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.registry_timeout_s))
+    uri = settings.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -81,8 +128,6 @@ def get_client() -> MlflowClient:
 
 def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
     """Resolve an alias or version URI to the registered version it names right now."""
-    from mlflow.exceptions import MlflowException
-
     name, alias, version = parse_model_uri(uri)
     client = client or get_client()
     try:
@@ -90,8 +135,8 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
             mv = client.get_model_version_by_alias(name, alias)
         else:
             mv = client.get_model_version(name, str(version))
-    except MlflowException as e:
-        raise RegistryError(f"cannot resolve {uri!r} in the registry: {e.message}") from e
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot resolve {uri!r}") from e
     return ModelRef(name=name, version=str(mv.version), uri=uri, aliases=tuple(mv.aliases or ()))
 
 
@@ -112,7 +157,10 @@ def fetch(uri: str, client: MlflowClient | None = None) -> tuple[ModelRef, Path]
 
     client = client or get_client()
     ref = resolve(uri, client)
-    location = client.get_model_version_download_uri(ref.name, ref.version)
+    try:
+        location = client.get_model_version_download_uri(ref.name, ref.version)
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        raise registry_failure(e, f"cannot locate {uri!r}") from e
     if (path := _local_path(location)) is not None:
         return ref, path
 
@@ -127,7 +175,7 @@ def fetch(uri: str, client: MlflowClient | None = None) -> tuple[ModelRef, Path]
         )
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RegistryError(f"cannot download {uri!r}: {e}") from e
+        raise registry_failure(e, f"cannot download {uri!r}") from e
     try:
         os.replace(staging, target)
     except OSError:

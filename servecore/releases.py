@@ -56,7 +56,7 @@ class Release:
     ) -> Release:
         """The release of an A/B variant: every model at ``alias`` where it has that alias, the
         spec's own reference where it does not (a challenger usually replaces one model)."""
-        from servecore.errors import RegistryError
+        from servecore.errors import RegistryError, RegistryUnavailable
         from servecore.registry import get_client
 
         client = client or get_client()
@@ -67,6 +67,8 @@ class Release:
             if own_alias is not None and own_alias != alias:
                 try:
                     ref = replace(resolve(f"models:/{name}@{alias}", client), uri=uri)
+                except RegistryUnavailable:
+                    raise  # an unanswered question is not a "no"
                 except RegistryError:
                     ref = None  # no such alias on this model: it keeps the spec's version
             refs.append(ref or resolve(uri, client))

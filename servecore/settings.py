@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     )
     """MLflow tracking/registry URI; unset means the embedded sqlite store under ``home``."""
 
+    registry_retries: int = Field(default=3, ge=0, le=10)
+    """Retries of a failed MLflow HTTP call (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` wins when set).
+    MLflow's own default (7, doubling from 2 s) keeps a start-up against a dead server waiting for
+    minutes; with 3 a replica reports the unreachable registry within about ten seconds."""
+
+    registry_timeout_s: int = Field(default=30, ge=1, le=600)
+    """Timeout of one MLflow HTTP call (``MLFLOW_HTTP_REQUEST_TIMEOUT`` wins when set)."""
+
     experiment_name: str = "intent-serving"
     """MLflow experiment that the bootstrap logs its training runs to."""
 

@@ -66,12 +66,14 @@ def fake_graph(
     actor_options: dict | None = None,
     job_runner: Any = None,
     gateway_options: dict | None = None,
+    stage_options: dict[str, dict] | None = None,
 ) -> Any:
     """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application.
 
     ``overrides`` replaces stages by deployment name; stages in neither (the ensemble, extra
     members) run their real class from the spec. Every replica asks for no CPU.
-    ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer).
+    ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer);
+    ``stage_options`` more ``Stage.options`` per deployment name (replicas, health checks).
     """
     from deployments.gateway import Gateway
     from deployments.stage import Stage
@@ -81,8 +83,9 @@ def fake_graph(
     stages = {}
     for plan in spec.stage_plans():
         stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
+        more = (stage_options or {}).get(plan.deployment, {})
         stages[plan.deployment] = Stage.options(
-            name=plan.deployment, ray_actor_options=options
+            name=plan.deployment, ray_actor_options=options, **more
         ).bind(stage_class, kwargs, plan.output_prefix)
     gateway = Gateway.options(
         name="Gateway",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from servecore import LABELS, bootstrap
+from servecore.errors import RegistryError, RegistryUnavailable
 from servecore.registry import fetch, get_client, parse_model_uri, resolve
 
 MEMBERS = ("linear", "mlp", "bow")
@@ -68,11 +71,52 @@ def test_resolve_and_fetch(registry):
 
 
 def test_bad_references_fail_clearly(registry):
-    from servecore.errors import RegistryError
-
     with pytest.raises(RegistryError, match="unsupported model URI 'runs:/abc/model'"):
         parse_model_uri("runs:/abc/model")
     with pytest.raises(RegistryError, match="cannot resolve 'models:/intent-bow@nope'"):
         resolve("models:/intent-bow@nope")
     with pytest.raises(RegistryError, match="cannot resolve 'models:/missing@champion'"):
         resolve("models:/missing@champion")
+    with pytest.raises(RegistryError) as refused:
+        resolve("models:/missing/3")
+    assert not isinstance(refused.value, RegistryUnavailable)
+
+
+@pytest.fixture
+def unreachable_store(registry, monkeypatch) -> Iterator[str]:
+    """The registry URI pointed at a port nothing listens on, with credentials in it."""
+    from servecore.settings import get_settings
+    from tests.conftest import free_port
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    get_settings.cache_clear()
+    yield f"127.0.0.1:{port}"
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_an_unreachable_store_is_unavailable_not_a_refusal_and_named_without_secrets(
+    unreachable_store,
+):
+    from servecore import models
+
+    for call in (
+        lambda: resolve("models:/intent-bow@champion"),
+        lambda: models.promote([("intent-bow", "1")], "staging"),
+        lambda: models.listing(),
+    ):
+        with pytest.raises(RegistryUnavailable) as failed:
+            call()
+        message = failed.value.message
+        assert f"the model registry at http://{unreachable_store} is unreachable" in message
+        assert "s3cret" not in message and "ops:" not in message
+        assert failed.value.status_code == 503
+
+
+def test_the_bootstrap_names_an_unreachable_store_and_exits_2(unreachable_store, capsys):
+    assert bootstrap.main(["--no-reference"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the bootstrap failed: the model registry at ")
+    assert unreachable_store in err and "s3cret" not in err

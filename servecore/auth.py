@@ -9,7 +9,9 @@ sends it as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 * 401 for a missing or unknown key (with ``WWW-Authenticate``), 403 for a key without the route's
   scope (:func:`required_scope`: ``predict``, ``jobs`` or ``admin``; health checks need nothing);
 * 429 with ``Retry-After`` when the key's token bucket is empty (per gateway replica);
-* 413 for a body larger than the route's limit, whether announced by ``Content-Length`` or not.
+* 413 for a body larger than the route's limit, whether announced by ``Content-Length`` or not;
+* 400 for a request carrying one of the Serve proxy's per-request override headers
+  (:data:`PROXY_HINTS`), on every route.
 
 The key's name becomes ``request.state.caller``: jobs belong to it. Presented keys are hashed
 and compared with :func:`hmac.compare_digest` against every configured hash, so neither the match
@@ -164,6 +166,13 @@ class RateLimiter:
         return bucket.take()
 
 
+PROXY_HINTS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+"""Headers by which the Serve proxy lets a *caller* lift its request timeout (``0``: none) or
+stop it cancelling the work of a client that went away. Meant for a trusted front proxy; from a
+client they undo two protections, so the guard refuses any request that carries them (by then
+the proxy has read them, but the request ends at once)."""
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -189,12 +198,22 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope.get("headers") or [])
+        for reserved in PROXY_HINTS:
+            if reserved in headers:
+                return await self._deny(
+                    scope,
+                    send,
+                    400,
+                    "reserved_header",
+                    f"the {reserved.decode()} header is reserved: clients may not change the "
+                    "request timeout or the cancelling of abandoned requests",
+                )
         path, method = route_path(scope), scope.get("method", "GET")
         needed = required_scope(method, path)
         if needed == "open":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
         keyring, limits = self.keyring(), self.limits()
         caller, rate, burst = ANONYMOUS, limits.rate_per_s, limits.burst
         if not keyring.open:

@@ -6,7 +6,9 @@ around them unchanged.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,55 @@ class SlowModel(UniformModel):
         return super().__call__(batch)
 
 
+class ScriptedModel(UniformModel):
+    """A stage that does what a script file says, read at every call, so that one deployment
+    serves every fault test: ``{"<name>": {"mode": "error"}}`` fails, ``{"<name>": {"mode":
+    "slow", "seconds": 5}}`` sleeps first (until the script changes), anything else answers
+    like ``inner`` (a stage class path) or else :class:`UniformModel`. Every call appends its
+    row count to ``calls-<name>.log`` beside the script."""
+
+    def __init__(
+        self,
+        script: str,
+        name: str,
+        inner: str | None = None,
+        inner_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.script = Path(script)
+        self.name = name
+        self.calls = self.script.with_name(f"calls-{name}.log")
+        self.inner = None
+        if inner is not None:  # act as this stage class otherwise (e.g. the real ensemble)
+            from servecore.spec import load_stage_class
+
+            self.inner = load_stage_class(inner)(**(inner_kwargs or {}))
+
+    def _mode(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.script.read_text()).get(self.name, {})
+        except (OSError, ValueError):
+            return {}
+
+    def __call__(self, batch: Batch) -> Batch:
+        with self.calls.open("a") as f:
+            f.write(f"{num_rows(batch)}\n")
+        mode = self._mode()
+        if mode.get("mode") == "error":
+            raise RuntimeError("injected failure: secret internal detail")
+        if mode.get("mode") == "slow":
+            deadline = time.monotonic() + float(mode["seconds"])
+            while time.monotonic() < deadline and self._mode() == mode:
+                time.sleep(0.05)
+        return super().__call__(batch) if self.inner is None else self.inner(batch)
+
+
+def write_script(script: Path, **stages: dict[str, Any]) -> None:
+    """Set what every :class:`ScriptedModel` reading ``script`` does (none named: answer)."""
+    partial = script.with_suffix(".part")
+    partial.write_text(json.dumps(stages))
+    partial.replace(script)  # atomic: a replica never reads half a script
+
+
 def fake_graph(
     spec: Any,
     overrides: dict[str, tuple[str, dict]] | None = None,
@@ -67,6 +118,7 @@ def fake_graph(
     job_runner: Any = None,
     gateway_options: dict | None = None,
     stage_options: dict[str, dict] | None = None,
+    version: str | None = None,
 ) -> Any:
     """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application.
 
@@ -74,6 +126,10 @@ def fake_graph(
     members) run their real class from the spec. Every replica asks for no CPU.
     ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer);
     ``stage_options`` more ``Stage.options`` per deployment name (replicas, health checks).
+    With a ``version``, running the graph again with only a new ``gateway_config`` is a live
+    update of the gateway rather than a restart of every replica: ``serve.run`` gives every
+    deployment a random version unless one is set, and the public option is gone, so this
+    sets the internal one (tests only).
     """
     from deployments.gateway import Gateway
     from deployments.stage import Stage
@@ -84,13 +140,38 @@ def fake_graph(
     for plan in spec.stage_plans():
         stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
         more = (stage_options or {}).get(plan.deployment, {})
-        stages[plan.deployment] = Stage.options(
-            name=plan.deployment, ray_actor_options=options, **more
-        ).bind(stage_class, kwargs, plan.output_prefix)
+        stage = Stage.options(name=plan.deployment, ray_actor_options=options, **more)
+        stages[plan.deployment] = _pinned(stage, version).bind(
+            stage_class, kwargs, plan.output_prefix
+        )
     gateway = Gateway.options(
         name="Gateway",
         ray_actor_options=options,
         user_config=gateway_config or {},
         **(gateway_options or {}),
     )
-    return gateway.bind(spec.model_dump(), stages, job_runner)
+    return _pinned(gateway, version).bind(spec.model_dump(), stages, job_runner)
+
+
+def _pinned(deployment: Any, version: str | None) -> Any:
+    return deployment if version is None else deployment.options(version=version, _internal=True)
+
+
+class Sleeper:
+    """A bare HTTP deployment body that sleeps ``seconds`` per request and notes in ``record``
+    whether its request finished or was cancelled (to watch the proxy's request timeout)."""
+
+    def __init__(self, record: str, seconds: float = 60.0) -> None:
+        self.record = Path(record)
+        self.seconds = seconds
+
+    async def __call__(self, request: Any) -> str:
+        import asyncio
+
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.record.write_text("cancelled")
+            raise
+        self.record.write_text("finished")
+        return "finished"

@@ -121,6 +121,25 @@ def test_a_key_works_as_bearer_or_header_within_its_scopes_only():
     assert jobs.json()["caller"] == "ops"
 
 
+def test_the_proxys_override_headers_are_refused_on_every_route_keys_or_not():
+    for keys in ([], KEYS):
+        client, _ = make_app(keys)
+        for header, value in (
+            ("X-Request-Timeout-Seconds", "0"),
+            ("x-request-disconnect-disabled", "?1"),
+        ):
+            for method, path in (("POST", "/v1/predict"), ("GET", "/healthz")):
+                response = client.request(
+                    method,
+                    path,
+                    json={"texts": ["a"]},
+                    headers={header: value, "X-API-Key": OPS_KEY},
+                )
+                assert response.status_code == 400, (keys, header, path)
+                assert error(response)["type"] == "reserved_header"
+                assert header.lower() in error(response)["message"]
+
+
 def test_route_paths_drop_the_apps_mount_prefix():
     assert route_path({"path": "/secured/healthz", "root_path": "/secured"}) == "/healthz"
     assert route_path({"path": "/v1/predict", "root_path": ""}) == "/v1/predict"

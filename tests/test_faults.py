@@ -1,48 +1,126 @@
-"""Failures inside the graph, injected into real Serve deployments: the caller gets a clean 503.
+"""Failures inside the graph, injected into real Serve deployments over real HTTP (issue 7).
 
 The graph is the real gateway and the real stage wrapper around fake stage classes
-(``tests/fixtures.py``): no weights to load, so each variant deploys in seconds.
+(``tests/fixtures.py``): no weights to load. One deployment serves the whole module: the linear
+head and the ensemble are :class:`~tests.fixtures.ScriptedModel` stages that read a script file
+at every call (fail, be slow, or answer), and only the gateway's knobs change between tests, an
+in-place update, so no test waits for replicas to restart. The encoder runs two replicas, for
+the replica-kill test; the proxy-timeout probe runs beside the other tests.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import re
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from servecore import LABELS
 from servecore.config_check import load_app_spec
+from servecore.experiments import FallbackConfig
 from tests.conftest import ROOT
-from tests.fixtures import fake_graph
+from tests.fixtures import fake_graph, write_script
 
 pytestmark = pytest.mark.serve
 
 APP = "faulty"
+SCRIPTED = ("LinearHead", "Ensemble")
 
 
-def deploy_fake_graph(
-    overrides: dict[str, tuple[str, dict]],
-    graph_timeout_s: float = 20.0,
-    fallback: dict | None = None,
-):
-    from ray import serve
+@dataclass
+class Faulty:
+    url: str
+    script: Path
 
-    spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
-    config = {"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}}
-    serve.run(fake_graph(spec, overrides, config), name=APP, route_prefix=f"/{APP}")
+    def deploy(self, graph_timeout_s: float = 20.0, fallback: dict | None = None) -> None:
+        """(Re)deploy the module's graph; the second time on, only the gateway's knobs change."""
+        from ray import serve
+
+        spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
+        plans = {plan.deployment: plan for plan in spec.stage_plans()}
+        scripted = {
+            name: (
+                "tests.fixtures:ScriptedModel",
+                {
+                    "script": str(self.script),
+                    "name": name,
+                    # The ensemble stays the real class behind its script.
+                    "inner": plans[name].stage_class if name == "Ensemble" else None,
+                    "inner_kwargs": plans[name].init_kwargs if name == "Ensemble" else None,
+                },
+            )
+            for name in SCRIPTED
+        }
+        knobs = {"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}}
+        graph = fake_graph(
+            spec,
+            scripted,
+            knobs,
+            stage_options={"Encoder": {"num_replicas": 2, **_shipped_health_check("Encoder")}},
+            version="faults",
+        )
+        serve.run(graph, name=APP, route_prefix=f"/{APP}")
+        expected = FallbackConfig(**(fallback or {})).model_dump()
+        deadline = time.monotonic() + 30
+        while True:  # the new knobs reach the gateway replica a moment after the update returns
+            shown = _experiments(self.url)["fallback"]
+            if all(shown.get(k) == v for k, v in expected.items()):
+                break
+            assert time.monotonic() < deadline, (shown, expected)
+            time.sleep(0.2)
+
+    def act(self, **stages: dict[str, Any]) -> None:
+        write_script(self.script, **stages)
+
+    def calls(self, stage: str) -> int:
+        path = self.script.with_name(f"calls-{stage}.log")
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _shipped_health_check(deployment: str) -> dict[str, float]:
+    """The deployment's health-check period in ``serve_config.yaml`` (how soon Serve notices a
+    dead replica), so that the replica-kill test measures what ships."""
+    from servecore.config_check import load_config
+
+    (app,) = load_config(ROOT / "serve_config.yaml")["applications"]
+    (found,) = [d for d in app["deployments"] if d["name"] == deployment]
+    return {"health_check_period_s": found["health_check_period_s"]}
 
 
 @pytest.fixture(scope="module")
-def faulty(serve_instance):
+def faulty(serve_instance, tmp_path_factory) -> Iterator[Faulty]:
     from ray import serve
 
-    yield f"{serve_instance.base_url}/{APP}"
+    script = tmp_path_factory.mktemp("faults") / "script.json"
+    write_script(script)
+    yield Faulty(f"{serve_instance.base_url}/{APP}", script)
     serve.delete(APP)
 
 
-def _predict(base_url: str) -> httpx.Response:
-    return httpx.post(f"{base_url}/v1/predict", json={"texts": ["hello", "world"]}, timeout=60)
+@pytest.fixture(autouse=True)
+def answering(faulty) -> Iterator[None]:
+    """Every test starts and ends with every scripted stage answering."""
+    faulty.act()
+    yield
+    faulty.act()
+
+
+def _predict(base_url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/predict",
+        json={"texts": ["hello", "world"]},
+        headers={"Cache-Control": "no-cache"},
+        **{"timeout": 60, **kwargs},
+    )
 
 
 def _experiments(base_url: str) -> dict:
@@ -54,22 +132,58 @@ def _fallbacks(base_url: str) -> dict[str, int]:
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    """Counters grown since ``before`` (the gateway replica may outlive one test's deployment)."""
+    """Counters grown since ``before`` (the gateway replica outlives one test's knobs)."""
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
+# --- the proxy's request timeout, watched beside the other tests ---------------------------
+
+
+@dataclass
+class Probe:
+    record: Path
+    answer: concurrent.futures.Future[tuple[int, str, float]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def proxy_timeout_probe(serve_instance, tmp_path_factory) -> Iterator[Probe]:
+    """One request to a deployment that sleeps past the proxy's ``request_timeout_s`` (30 s in
+    ``serve_config.yaml``), sent when the module starts so that its wait overlaps the other
+    tests; :func:`test_the_proxy_cuts_a_request_at_its_timeout_and_cancels_the_work` reads it."""
+    from ray import serve
+
+    from tests.fixtures import Sleeper
+
+    record = tmp_path_factory.mktemp("probe") / "outcome"
+    app = serve.deployment(Sleeper, name="Sleeper", ray_actor_options={"num_cpus": 0})
+    serve.run(app.bind(str(record), 60.0), name="sleeper", route_prefix="/sleeper")
+
+    def call() -> tuple[int, str, float]:
+        started = time.monotonic()
+        response = httpx.get(f"{serve_instance.base_url}/sleeper", timeout=90)
+        return response.status_code, response.text, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        yield Probe(record, pool.submit(call))
+    serve.delete("sleeper")
+
+
+# --- stage failures, deadlines and the fallback ----------------------------------------------
+
+
 def test_the_fake_graph_answers(faulty):
-    deploy_fake_graph({})
-    response = _predict(faulty)
+    faulty.deploy()
+    response = _predict(faulty.url)
     assert response.status_code == 200
     probabilities = response.json()["predictions"][0]["probabilities"]
     assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
 
 
 def test_a_failing_stage_gives_a_503_without_internal_details_or_a_backup(faulty):
-    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})})
-    before = _fallbacks(faulty)
-    response = _predict(faulty)
+    faulty.deploy()
+    faulty.act(Ensemble={"mode": "error"})
+    before = _fallbacks(faulty.url)
+    response = _predict(faulty.url)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.json() == {
@@ -81,13 +195,14 @@ def test_a_failing_stage_gives_a_503_without_internal_details_or_a_backup(faulty
     }
     assert "secret" not in response.text
     # No fallback is configured: the backup model is not used and nothing counts as a fallback.
-    assert _delta(_fallbacks(faulty), before) == {}
+    assert _delta(_fallbacks(faulty.url), before) == {}
 
 
 def test_a_stage_past_the_deadline_gives_a_clear_timeout_in_time(faulty):
-    deploy_fake_graph({"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 10.0})}, 1.0)
+    faulty.deploy(graph_timeout_s=1.0)
+    faulty.act(LinearHead={"mode": "slow", "seconds": 10})
     started = time.monotonic()
-    response = _predict(faulty)
+    response = _predict(faulty.url)
     assert time.monotonic() - started < 8.0
     assert response.status_code == 504
     assert response.headers["retry-after"] == "1"
@@ -100,12 +215,12 @@ def test_a_stage_past_the_deadline_gives_a_clear_timeout_in_time(faulty):
 
 def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
     fallback = {"stage": "BagOfWords", "deadline_s": 1.0, "failure_threshold": 2, "cooldown_s": 60}
-    slow = {"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 5.0})}
-    deploy_fake_graph(slow, 20.0, fallback)
-    before = _fallbacks(faulty)
+    faulty.deploy(fallback=fallback)
+    faulty.act(LinearHead={"mode": "slow", "seconds": 5})
+    before = _fallbacks(faulty.url)
     for _ in range(2):
         started = time.monotonic()
-        response = _predict(faulty)
+        response = _predict(faulty.url)
         assert time.monotonic() - started < 4.0
         assert response.status_code == 200
         body = response.json()
@@ -114,19 +229,20 @@ def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
         assert body["models"] == []  # the fake backup has no registered model to name
     # Two misses in a row: the primary is not even called during the cool-down.
     started = time.monotonic()
-    body = _predict(faulty).json()
+    body = _predict(faulty.url).json()
     assert time.monotonic() - started < 1.0
     assert body["degraded"] and body["degraded_reason"].startswith("circuit open")
-    report = _experiments(faulty)["fallback"]
+    report = _experiments(faulty.url)["fallback"]
     assert _delta(report["fallbacks"], before) == {"deadline": 2, "circuit_open": 1}
     assert report["circuit"]["state"] == "open" and report["circuit"]["times_opened"] == 1
 
 
 def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
     fallback = {"stage": "BagOfWords", "deadline_s": 5.0, "failure_threshold": 100}
-    deploy_fake_graph({"Ensemble": ("tests.fixtures:ErrorModel", {})}, 20.0, fallback)
-    before = _fallbacks(faulty)
-    response = _predict(faulty)
+    faulty.deploy(fallback=fallback)
+    faulty.act(Ensemble={"mode": "error"})
+    before = _fallbacks(faulty.url)
+    response = _predict(faulty.url)
     assert response.status_code == 200
     body = response.json()
     assert body["degraded"] is True
@@ -134,4 +250,132 @@ def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
     assert "secret" not in response.text
     probabilities = body["predictions"][0]["probabilities"]
     assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
-    assert _delta(_fallbacks(faulty), before) == {"error": 1}
+    assert _delta(_fallbacks(faulty.url), before) == {"error": 1}
+
+
+# --- clients that give up, and the proxy's own limits -----------------------------------------
+
+
+def test_a_client_that_disconnects_cancels_the_rest_of_its_pipeline(faulty):
+    faulty.deploy()
+    ensemble_calls = faulty.calls("Ensemble")
+    faulty.act(LinearHead={"mode": "slow", "seconds": 4})
+    with pytest.raises(httpx.ReadTimeout):
+        _predict(faulty.url, timeout=1.0)  # httpx closes the connection: the client is gone
+    started = faulty.calls("LinearHead")
+    time.sleep(5.0)  # the head's sleep ends in 3 s; the ensemble would follow at once
+    assert faulty.calls("Ensemble") == ensemble_calls, "the abandoned request still ran on"
+    assert faulty.calls("LinearHead") == started
+    # The same request with a patient client runs to the end (and so would have above).
+    faulty.act(LinearHead={"mode": "slow", "seconds": 1})
+    assert _predict(faulty.url).status_code == 200
+    assert faulty.calls("Ensemble") == ensemble_calls + 1
+
+
+def test_clients_may_not_lift_the_proxys_timeout_or_disconnect_handling(faulty):
+    for header, value in (
+        ("x-request-timeout-seconds", "0"),
+        ("x-request-disconnect-disabled", "?1"),
+    ):
+        response = httpx.post(
+            f"{faulty.url}/v1/predict", json={"texts": ["hello"]}, headers={header: value}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "reserved_header"
+
+
+def test_the_proxy_cuts_a_request_at_its_timeout_and_cancels_the_work(proxy_timeout_probe):
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().get_serve_details()["http_options"]
+    assert http["request_timeout_s"] == 30  # from serve_config.yaml
+    status, text, seconds = proxy_timeout_probe.answer.result(timeout=120)
+    assert status == 408, text
+    assert re.search(r"timed out after 30(\.0)?s", text), text
+    assert 29 < seconds < 45
+    deadline = time.monotonic() + 10
+    while not proxy_timeout_probe.record.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proxy_timeout_probe.record.read_text() == "cancelled"
+
+
+# --- a replica dies under load ----------------------------------------------------------------
+
+
+def _encoder_replicas() -> set[int]:
+    """PIDs of the encoder replicas alive now (Ray titles a replica's process with its
+    deployment; the state API would need the dashboard, which the test cluster runs without)."""
+    import psutil
+
+    title = f"ray::ServeReplica:{APP}:Encoder"
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if cmdline.startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
+            found.add(process.info["pid"])
+    return found
+
+
+def _running_encoders() -> int:
+    from ray import serve
+
+    status = serve.status().applications[APP].deployments["Encoder"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow
+def test_a_killed_encoder_replica_costs_at_most_one_retry_and_is_back_within_30s(faulty):
+    faulty.deploy()
+    before = _encoder_replicas()
+    assert len(before) == 2 and _running_encoders() == 2
+    stop = threading.Event()
+    outcomes: list[tuple[float, list[int]]] = []  # (time, status of each attempt; 0: no answer)
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set() and len(outcomes) < 2000:
+                attempts = []
+                for _ in range(2):  # one retry
+                    attempts.append(_send(http, faulty.url))
+                    if attempts[-1] == 200:
+                        break
+                outcomes.append((time.monotonic(), attempts))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(client) for _ in range(4)]
+        time.sleep(2.0)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        back_after = None
+        while time.monotonic() - killed < 30:
+            alive = _encoder_replicas()
+            if victim not in alive and len(alive) == 2 and _running_encoders() == 2:
+                back_after = time.monotonic() - killed
+                break
+            time.sleep(0.25)
+        time.sleep(2.0)  # and the service keeps answering after the replacement
+        stop.set()
+        for worker in workers:
+            worker.result(timeout=60)
+    after_kill = [o for o in outcomes if o[0] > killed]
+    retried = [attempts for _, attempts in outcomes if len(attempts) > 1]
+    print(
+        f"encoder replica SIGKILLed: replaced after {back_after}s; {len(outcomes)} requests, "
+        f"{len(after_kill)} after the kill, {len(retried)} retried: {retried}"
+    )
+    assert back_after is not None, "no replacement encoder replica within 30 s"
+    assert len(after_kill) >= 20, f"too little load after the kill: {len(after_kill)}"
+    assert all(attempts[-1] == 200 for _, attempts in outcomes), retried
+    # What a caller saw on the lost replica: the clear retryable answer, nothing else.
+    assert {attempts[0] for attempts in retried} <= {503}, retried
+
+
+def _send(http: httpx.Client, url: str) -> int:
+    try:
+        response = http.post(
+            f"{url}/v1/predict", json={"texts": ["hello"]}, headers={"Cache-Control": "no-cache"}
+        )
+    except httpx.TransportError:
+        return 0
+    return response.status_code

@@ -1,0 +1,107 @@
+"""A worker node dies under load: the service goes on and Serve reschedules its replicas.
+
+Issue 7, point 6: on a local two-node cluster (``ray.cluster_utils.Cluster``), every deployment
+of the graph (gateway and stages, fake stage classes so nothing loads weights) runs two
+replicas, one per node. Client threads post predictions over real HTTP while the worker node is
+killed without warning; Serve must notice, answer every request (a client retries a failed one
+once, the standard the project holds a replica loss to), and bring each deployment back to two
+running replicas on the surviving head node.
+
+The cluster lives in a child process, ``python -m tests.node_failure_drill`` (its docstring
+tells how placement is arranged): the test session runs its own Ray instance and a driver
+connects to one cluster only. The drill prints its facts as one JSON line; this test judges
+them. Measured on a 2-core machine: Serve saw the replicas die 2-3 s after the kill, and all
+fourteen replicas ran again 31-39 s after it (52 s while other test runs kept the machine busy),
+most of that spent starting seven Python worker processes at once on two cores. Between 200 and
+300 requests were answered after the kill; none failed after its retry, and most runs had no
+failed first attempt either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, STAGES
+
+pytestmark = pytest.mark.slow
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENTS = ["Gateway", *STAGES]
+DRILL_TIMEOUT_S = 420
+"""The whole drill: two nodes, a deploy of fourteen replicas (~50 s here), the load until the
+replicas are back and a few seconds more, the shutdown."""
+RESCHEDULE_BOUND_S = 90
+"""Kill to every deployment back at two running replicas: measured 31-39 s on two cores, 52 s on
+a busy machine (the drill itself waits up to 120 s, so a miss reports the actual time)."""
+MIN_SERVED_AFTER_REMOVAL = 50
+"""Requests sent after the kill and answered: the service must go on, not merely survive."""
+
+
+def run_drill() -> tuple[dict[str, Any], str]:
+    """The drill's report (its last JSON line on stdout) and the tail of its stderr."""
+    env = {
+        **os.environ,  # MLFLOW_TRACKING_URI and the INTENT_SERVING_* of the session registry
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+    }
+    drill = subprocess.Popen(
+        [sys.executable, "-m", "tests.node_failure_drill"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = drill.communicate(timeout=DRILL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the drill shuts Serve and its nodes down on it; SIGKILL would orphan them.
+        drill.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = drill.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            drill.kill()
+            stdout, stderr = drill.communicate()
+        pytest.fail(f"the drill ran past {DRILL_TIMEOUT_S}s; stderr tail:\n{stderr[-4000:]}")
+    # Ray writes to stdout too (a raylet's death notice), so the report is the last JSON line.
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
+    tail = stderr[-4000:]
+    assert drill.returncode == 0 and report.get("ok"), (
+        f"the drill failed (exit {drill.returncode}): {report}\nstderr tail:\n{tail}"
+    )
+    return report, tail
+
+
+def test_losing_the_worker_node_under_load_fails_no_request_and_replicas_come_back(registry):
+    report, tail = run_drill()
+    facts = {k: v for k, v in report.items() if k != "timeline"}
+    logger.info("node failure drill: %s", json.dumps(facts))
+    context = f"\nreport: {json.dumps(facts)}\ntimeline: {report.get('timeline')}\n{tail}"
+
+    # Not vacuous: half of every deployment was on the node that died, and that node is gone.
+    assert report["replicas_before"] == {name: {"head": 1, "worker": 1} for name in DEPLOYMENTS}, (
+        context
+    )
+    assert report["live_nodes"] == 1, context
+
+    # The service went on: nothing failed beyond one client retry, and it kept answering.
+    assert report["failures_after_retry"] == 0, context
+    assert report["served_after_removal"] >= MIN_SERVED_AFTER_REMOVAL, context
+
+    # Serve replaced the lost replicas on the surviving node, and requests are answered after.
+    assert report["recovered"], context
+    assert report["reschedule_s"] <= RESCHEDULE_BOUND_S, context
+    assert report["replicas_after"] == {name: {"head": 2} for name in DEPLOYMENTS}, context
+    assert report["serve_states_after"] == {name: {"RUNNING": 2} for name in DEPLOYMENTS}, context
+    assert report["served_after_recovery"] > 0, context

@@ -363,9 +363,7 @@ class Gateway:
         """Warm ``moved`` up through the whole graph, then serve it; on failure keep the old."""
         try:
             for release in moved.values():
-                await asyncio.wait_for(
-                    self._classify(["warm-up"], release), 6 * self.graph_timeout_s
-                )
+                await self._graph(["warm-up"], release, 6 * self.graph_timeout_s)
         except Exception as e:  # noqa: BLE001 - the old release keeps answering
             self.release_error = f"warm-up of {list(moved)} failed: {e!r}"
             logger.error("%s", self.release_error)
@@ -381,8 +379,9 @@ class Gateway:
 
     # --- the graph ---------------------------------------------------------------------------
 
-    def _classify(self, texts: list[str], release: Release) -> Any:
-        """Start the whole graph for ``texts`` on ``release``; returns the ensemble's response."""
+    def _classify(self, texts: list[str], release: Release) -> list[Any]:
+        """Start the whole graph for ``texts`` on ``release``; returns every stage call's
+        response, the ensemble's last."""
         pins = {name: release.pin(uri) for name, uri in self.stage_uris.items()}
         batch = text_batch(texts)
         tokens = self.stages["Tokenizer"].remote(batch, pin=pins["Tokenizer"])
@@ -391,7 +390,25 @@ class Gateway:
             self.stages[name].remote(embeddings, pin=pins[name]) for name in self.head_stages
         ]
         members += [self.stages[name].remote(batch, pin=pins[name]) for name in self.text_stages]
-        return self.stages["Ensemble"].remote(*members, pin=pins["Ensemble"])
+        ensemble = self.stages["Ensemble"].remote(*members, pin=pins["Ensemble"])
+        return [tokens, embeddings, *members, ensemble]
+
+    async def _graph(self, texts: list[str], release: Release, timeout_s: float) -> StageOutput:
+        """The graph's answer for ``texts`` within ``timeout_s``.
+
+        A call that times out, fails or is cancelled (its callers went away) cancels every stage
+        call it started, not only the ensemble's that it awaits: a stage call still waiting for
+        an upstream result that was lost with its replica would otherwise stay queued, or keep
+        being re-routed by Serve, for nobody.
+        """
+        calls = self._classify(texts, release)
+        try:
+            output: StageOutput = await asyncio.wait_for(calls[-1], timeout_s)
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        return output
 
     def _coalescer(self, variant: str) -> Coalescer[GraphRequest, StageOutput]:
         coalescer = self.coalescers.get(variant)
@@ -424,8 +441,9 @@ class Gateway:
             logger.info("graph call %s carries %d requests: %s", ids[0], len(ids), ids)
         metric("intent_batch_size").observe(sum(sizes), tags={"stage": "Gateway"})
         # The release is read once per graph call: every text in it runs on the same versions.
-        output: StageOutput = await asyncio.wait_for(
-            self._classify([t for texts, _ in requests for t in texts], self.releases[variant]),
+        output = await self._graph(
+            [t for texts, _ in requests for t in texts],
+            self.releases[variant],
             self.graph_timeout_s,
         )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]

@@ -66,7 +66,9 @@ def _current(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
         model = client.get_registered_model(name)
     except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
-        raise registry_failure(e, f"cannot read registered model {name!r}") from e
+        raise registry_failure(
+            e, f"cannot read registered model {name!r}", f"no registered model {name!r}"
+        ) from e
     version = (model.aliases or {}).get(alias)
     return None if version is None else str(version)
 
@@ -76,7 +78,9 @@ def history(client: MlflowClient, name: str, alias: str = DEFAULT_ALIAS) -> list
     try:
         tags = client.get_registered_model(name).tags or {}
     except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
-        raise registry_failure(e, f"cannot read registered model {name!r}") from e
+        raise registry_failure(
+            e, f"cannot read registered model {name!r}", f"no registered model {name!r}"
+        ) from e
     raw = tags.get(HISTORY_TAG.format(alias=alias))
     if not raw:
         return []
@@ -110,7 +114,9 @@ def _existing_version(client: MlflowClient, name: str, version: str) -> str:
     try:
         return str(client.get_model_version(name, str(version)).version)
     except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
-        raise registry_failure(e, f"cannot read {name} version {version}") from e
+        raise registry_failure(
+            e, f"cannot read {name} version {version}", f"{name} has no version {version}"
+        ) from e
 
 
 def promote(

@@ -81,17 +81,17 @@ def display_uri(uri: str) -> str:
     return parsed._replace(netloc=netloc).geturl()
 
 
-def registry_failure(error: Exception, what: str) -> RegistryError:
+def registry_failure(error: Exception, what: str, refused: str | None = None) -> RegistryError:
     """An exception from an MLflow call, as ours: a refusal stays a :class:`RegistryError`
     (the caller asked for something that is not there); anything else — a refused connection,
     a timeout, a server error, a broken database — is :class:`RegistryUnavailable`, naming the
-    store so that an operator knows where to look."""
+    store so that an operator knows where to look. ``refused`` words a refusal (else ``what``)."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(error, RegistryError):
         return error
     if isinstance(error, MlflowException) and error.error_code in _REFUSALS:
-        return RegistryError(f"{what}: {error.message}")
+        return RegistryError(f"{refused or what}: {error.message}")
     detail = error.message if isinstance(error, MlflowException) else repr(error)
     store = display_uri(get_settings().tracking_uri)
     # The client's own message repeats the URL it called, credentials included.

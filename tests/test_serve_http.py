@@ -448,7 +448,9 @@ def test_sampled_predictions_are_logged_hashed_and_ray_data_reads_them(client, o
     closed = monitor_flush()
     assert closed["folder"] == str(observed)
 
-    rows = ray.data.read_json(str(observed), file_extensions=["jsonl"]).take_all()
+    # The app may hold both CPUs of the test cluster (two encoder replicas after earlier load,
+    # released only after the two-minute downscale delay): a read asking for no CPU still runs.
+    rows = ray.data.read_json(str(observed), file_extensions=["jsonl"], num_cpus=0).take_all()
     mine = [r for r in rows if r["request_id"] in ids]
     assert len(mine) == 7
     by_hash = {r["text_hash"]: r for r in mine}

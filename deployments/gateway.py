@@ -92,8 +92,6 @@ from servecore.webhooks import check_target, parse_networks
 
 logger = logging.getLogger("ray.serve")
 
-POLL_FAILED = "registry poll failed"
-
 # A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
 # retry: 503. RayServeException covers BackPressureError and DeploymentUnavailableError.
 STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
@@ -332,16 +330,19 @@ class Gateway:
     async def _watch_registry(self) -> None:
         """Follow alias moves: see the module docstring."""
         candidate: dict[str, Release] = {}
+        poll_failed = False
         async for _ in poll_ticks(lambda: self.knobs.registry_poll_s):
             try:
                 found = await asyncio.to_thread(self._resolve_all)
             except Exception as e:  # noqa: BLE001 - keep serving the current releases
-                self.release_error = f"{POLL_FAILED}: {e}"
+                self.release_error = f"registry poll failed: {e}"
                 logger.warning("%s", self.release_error)
+                poll_failed = True
                 continue
-            if self.release_error is not None and self.release_error.startswith(POLL_FAILED):
+            if poll_failed:  # the error shown was the poll's: it no longer holds
                 logger.info("the registry answers again")
                 self.release_error = None
+                poll_failed = False
             moved = self._moved(found)
             if not moved:
                 candidate = {}

@@ -83,7 +83,7 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def required_scope(method: str, path: str) -> Scope | None | Literal["open"]:
+def required_scope(path: str) -> Scope | None | Literal["open"]:
     """The scope a route needs; ``None`` means any valid key, ``"open"`` no key at all."""
     if path in ("/healthz", "/readyz"):
         return "open"
@@ -137,14 +137,15 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 class TokenBucket:
     rate: float
     burst: int
-    tokens: float = field(default=-1.0)
     updated: float = field(default_factory=time.monotonic)
+    tokens: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = float(self.burst)  # a new caller starts with a full bucket
 
     def take(self, now: float | None = None) -> float:
         """Take one token: 0.0 when granted, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
-        if self.tokens < 0:
-            self.tokens = float(self.burst)
         self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
         self.updated = now
         if self.tokens >= 1.0:
@@ -209,8 +210,8 @@ class Guard:
                     f"the {reserved.decode()} header is reserved: clients may not change the "
                     "request timeout or the cancelling of abandoned requests",
                 )
-        path, method = route_path(scope), scope.get("method", "GET")
-        needed = required_scope(method, path)
+        path = route_path(scope)
+        needed = required_scope(path)
         if needed == "open":
             await self.app(scope, receive, send)
             return

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from servecore.errors import RegistryError
 from servecore.registry import get_client, registry_failure
+from servecore.schemas import ALIAS_PATTERN
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALIAS = "champion"
 HISTORY_TAG = "alias_history.{alias}"
 HISTORY_LIMIT = 50
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+_ALIAS = re.compile(ALIAS_PATTERN)
 
 
 @dataclass(frozen=True)

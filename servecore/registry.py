@@ -63,22 +63,13 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 _USERINFO = re.compile(r"//[^/@\s]+@")
+"""The ``user:token@`` of any URL in a text."""
 
 _REFUSALS = frozenset(
     {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
 )
 """MLflow error codes that mean the store answered and said no (an unknown model, version or
 alias); any other failure means the store could not answer."""
-
-
-def display_uri(uri: str) -> str:
-    """``uri`` without credentials (``https://user:token@host`` → ``https://host``)."""
-    parsed = urlparse(uri)
-    if parsed.username is None and parsed.password is None:
-        return uri
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port is not None else host
-    return parsed._replace(netloc=netloc).geturl()
 
 
 def registry_failure(error: Exception, what: str, refused: str | None = None) -> RegistryError:
@@ -93,12 +84,11 @@ def registry_failure(error: Exception, what: str, refused: str | None = None) ->
     if isinstance(error, MlflowException) and error.error_code in _REFUSALS:
         return RegistryError(f"{refused or what}: {error.message}")
     detail = error.message if isinstance(error, MlflowException) else repr(error)
-    store = display_uri(get_settings().tracking_uri)
-    # The client's own message repeats the URL it called, credentials included.
-    detail = _USERINFO.sub("//", detail)
-    return RegistryUnavailable(
-        f"{what}: the model registry at {store} is unreachable or failing ({detail})"
-    )
+    store = get_settings().tracking_uri
+    message = f"{what}: the model registry at {store} is unreachable or failing ({detail})"
+    # Credentials stay out: the store's URI may carry them, and so does the client's own
+    # message, which repeats the URL it called.
+    return RegistryUnavailable(_USERINFO.sub("//", message))
 
 
 def configure_mlflow() -> str:

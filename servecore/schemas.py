@@ -185,7 +185,8 @@ class JobList(BaseModel):
 
 
 _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-_ALIAS_NAME = r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$"
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$"
+"""A registry alias as this project allows it (``servecore.models`` refuses others too)."""
 
 
 class PromoteRequest(BaseModel):
@@ -196,7 +197,7 @@ class PromoteRequest(BaseModel):
     versions: dict[
         Annotated[str, Field(pattern=_MODEL_NAME)], Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
     ] = Field(min_length=1, max_length=32)
-    alias: str = Field(default="champion", pattern=_ALIAS_NAME)
+    alias: str = Field(default="champion", pattern=ALIAS_PATTERN)
 
 
 class RollbackRequest(BaseModel):
@@ -205,4 +206,4 @@ class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[Annotated[str, Field(pattern=_MODEL_NAME)]] = Field(min_length=1, max_length=32)
-    alias: str = Field(default="champion", pattern=_ALIAS_NAME)
+    alias: str = Field(default="champion", pattern=ALIAS_PATTERN)

@@ -47,11 +47,6 @@ class UniformModel:
         return {"probs": np.full((n, len(LABELS)), 1 / len(LABELS), np.float32)}
 
 
-class ErrorModel:
-    def __call__(self, batch: Batch) -> Batch:
-        raise RuntimeError("injected failure: secret internal detail")
-
-
 class SlowModel(UniformModel):
     def __init__(self, seconds: float = 5.0) -> None:
         self.seconds = seconds
@@ -125,7 +120,8 @@ def fake_graph(
     ``overrides`` replaces stages by deployment name; stages in neither (the ensemble, extra
     members) run their real class from the spec. Every replica asks for no CPU.
     ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer);
-    ``stage_options`` more ``Stage.options`` per deployment name (replicas, health checks).
+    ``stage_options`` more ``Stage.options`` per deployment name (replicas, health checks);
+    a ``ray_actor_options`` in either is merged over ``actor_options``.
     With a ``version``, running the graph again with only a new ``gateway_config`` is a live
     update of the gateway rather than a restart of every replica: ``serve.run`` gives every
     deployment a random version unless one is set, and the public option is gone, so this
@@ -139,16 +135,18 @@ def fake_graph(
     stages = {}
     for plan in spec.stage_plans():
         stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
-        more = (stage_options or {}).get(plan.deployment, {})
-        stage = Stage.options(name=plan.deployment, ray_actor_options=options, **more)
+        more = dict((stage_options or {}).get(plan.deployment, {}))
+        actor = {**options, **more.pop("ray_actor_options", {})}
+        stage = Stage.options(name=plan.deployment, ray_actor_options=actor, **more)
         stages[plan.deployment] = _pinned(stage, version).bind(
             stage_class, kwargs, plan.output_prefix
         )
+    more = dict(gateway_options or {})
     gateway = Gateway.options(
         name="Gateway",
-        ray_actor_options=options,
+        ray_actor_options={**options, **more.pop("ray_actor_options", {})},
         user_config=gateway_config or {},
-        **(gateway_options or {}),
+        **more,
     )
     return _pinned(gateway, version).bind(spec.model_dump(), stages, job_runner)
 

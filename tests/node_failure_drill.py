@@ -246,38 +246,25 @@ def node_resources(deployments: Sequence[str], per_deployment: int) -> dict[str,
 
 
 def build_graph() -> Any:
-    """:func:`tests.fixtures.fake_graph`'s graph with a placement resource per deployment.
-
-    ``fake_graph`` gives every deployment the same ``ray_actor_options``; here each needs its own
-    resource, so the few lines that bind the graph are repeated with the fixtures' fake stages.
-    The response cache is off: the drill is about the graph answering, not the cache.
-    """
-    from deployments.gateway import Gateway
-    from deployments.stage import Stage
+    """:func:`tests.fixtures.fake_graph` with a placement resource per deployment. The response
+    cache is off: the drill is about the graph answering, not the cache."""
     from servecore.config_check import load_app_spec
-    from tests.fixtures import FAKE_STAGES
+    from tests.fixtures import fake_graph
 
     def options(name: str) -> dict[str, Any]:
         return {
-            "name": name,
             "num_replicas": REPLICAS,
             "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-            "ray_actor_options": {
-                "num_cpus": 0,
-                "num_gpus": 0,
-                "resources": {resource_of(name): 1},
-            },
+            "ray_actor_options": {"resources": {resource_of(name): 1}},
         }
 
     spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
-    stages = {}
-    for plan in spec.stage_plans():
-        stage_class, kwargs = FAKE_STAGES.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
-        stages[plan.deployment] = Stage.options(**options(plan.deployment)).bind(
-            stage_class, kwargs, plan.output_prefix
-        )
-    gateway = Gateway.options(**options("Gateway"), user_config={"cache": {"enabled": False}})
-    return gateway.bind(spec.model_dump(), stages, None)
+    return fake_graph(
+        spec,
+        gateway_config={"cache": {"enabled": False}},
+        gateway_options=options("Gateway"),
+        stage_options={plan.deployment: options(plan.deployment) for plan in spec.stage_plans()},
+    )
 
 
 def deploy(port: int, deployments: Sequence[str], head_node_id: str) -> None:

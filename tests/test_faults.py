@@ -303,17 +303,17 @@ def test_the_proxy_cuts_a_request_at_its_timeout_and_cancels_the_work(proxy_time
 
 
 def _encoder_replicas() -> set[int]:
-    """PIDs of the encoder replicas alive now (Ray titles a replica's process with its
-    deployment; the state API would need the dashboard, which the test cluster runs without)."""
-    import psutil
+    """PIDs of the encoder replicas alive now, from the GCS actor table (the state API would
+    need the dashboard, which the test cluster runs without)."""
+    from ray._private import state
 
-    title = f"ray::ServeReplica:{APP}:Encoder"
-    found = set()
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        if cmdline.startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
-            found.add(process.info["pid"])
-    return found
+    return {
+        int(actor["Pid"])
+        for actor in state.actors().values()
+        if actor.get("ActorClassName") == f"ServeReplica:{APP}:Encoder"
+        and actor.get("State") == "ALIVE"
+        and actor.get("Pid")
+    }
 
 
 def _running_encoders() -> int:

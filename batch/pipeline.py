@@ -53,6 +53,12 @@ busy while the others idle. Measured on 20,000 texts (2 CPUs): 512-row blocks ra
 the plain loop in steady state, 256-row blocks at 0.70 (not profiled yet; the per-block read and
 write tasks and six actor hops are the suspects), so not smaller."""
 MAX_BLOCKS = 2000
+CALLS_PER_ACTOR = 2
+"""Ray Data calls each stage actor takes at once (``max_concurrent_calls_per_actor``). The model
+still runs one batch at a time (Ray Data serialises the class's ``__call__``); the second call
+fetches its input block and converts it to numpy batches, and turns the previous output into a
+block, while torch (which releases the GIL) computes. With one call per actor that work sits between
+two forward passes: on 10,000 texts (2 CPUs) the steady state went from 62 to 73 rows/s."""
 BYTES_PER_ROW = 100
 """Estimate for CSV and JSON lines, whose row counts are unknown until read."""
 
@@ -187,7 +193,10 @@ class BatchPipeline:
                 # A batch job has its whole backlog from the start: begin at the largest pool
                 # (Serve's min_replicas is for idle traffic) and let Ray Data shrink it at the end.
                 compute=ActorPoolStrategy(
-                    min_size=r.min_actors, max_size=r.max_actors, initial_size=r.max_actors
+                    min_size=r.min_actors,
+                    max_size=r.max_actors,
+                    initial_size=r.max_actors,
+                    max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                 ),
                 batch_size=r.batch_size,
                 batch_format="numpy",

@@ -303,6 +303,13 @@ class Gateway:
             coalescer.configure(
                 knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
             )
+        # A/B counters describe one experiment: a new split (variants, aliases or weights)
+        # starts them again, as a new shadow starts the shadow comparison, so traffic served
+        # under the old settings never mixes into the comparison of the new ones.
+        if knobs.experiment != previous.experiment:
+            self.variant_stats = {}
+        if knobs.shadow != previous.shadow:
+            self.shadow_stats = ShadowStats()
         if knobs.fallback != previous.fallback:  # new settings: a fresh circuit
             self.breaker = CircuitBreaker(
                 knobs.fallback.failure_threshold, knobs.fallback.cooldown_s

@@ -1,15 +1,22 @@
 """Shared fixtures: one bootstrapped temporary registry and one Ray + Serve instance per session.
 
 The registry lives in a temporary folder (``MLFLOW_TRACKING_URI`` is set before Ray starts, so every
-replica inherits it). Ray runs with ``address="local"`` (never attaching to a cluster someone left
-running), two CPUs, free ports and no dashboard; token auth is disabled for this private cluster.
+replica inherits it; so do the job settings). Ray runs with ``address="local"`` (never attaching to
+a cluster someone left running), two CPUs, free ports and no dashboard; token auth is disabled for
+this private cluster.
+
+The shipped application is deployed once for the modules that test it (:data:`SHIPPED_APP_MODULES`,
+run one after another): each module applies its own variant of ``serve_config.yaml`` in place,
+which only reconfigures the replicas, and the app is deleted when the run leaves those modules.
+Deploying it from scratch costs about a minute on two cores (nine replicas importing torch and
+loading models).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +27,11 @@ from servecore.settings import get_settings
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemble"]
 """Deployments of the shipped pipeline spec, in stage order."""
+SHIPPED_APP = "intent"
+SHIPPED_APP_MODULES = ("test_serve_http", "test_lifecycle", "test_jobs")
+"""Modules that share the shipped app, in the order they run. ``test_serve_http`` comes first: its
+parity gate wants the encoder at one replica (the other CPU runs Ray Data) and its drift tests an
+unused monitor. ``test_jobs`` comes last: it caps the encoder at one replica for dataset jobs."""
 
 
 def free_port() -> int:
@@ -44,8 +56,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     os.environ["INTENT_SERVING_MODEL_CACHE_DIR"] = str(home / "cache")
-    # Jobs of the shipped app (store, filesystem broker, outputs) stay out of the checkout.
-    os.environ["INTENT_SERVING_JOBS_DIR"] = str(home / "jobs")
     os.environ["INTENT_SERVING_PREDICTION_LOG_DIR"] = str(home / "predictions")
     get_settings.cache_clear()
     weights, members = bootstrap.default_members(ROOT / "serve_config.yaml", "intent")
@@ -67,7 +77,20 @@ class ServeInstance:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(registry: Registry) -> Iterator[ServeInstance]:
+def jobs_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The session's job settings (store, broker and data folders, webhook key and allow-list),
+    in this process's environment before Ray starts, so every replica has them and the shipped
+    app needs no ``runtime_env`` of its own."""
+    from tests.jobs_support import jobs_env
+
+    values = jobs_env(tmp_path_factory.mktemp("jobs"))
+    os.environ.update(values)
+    get_settings.cache_clear()
+    return values
+
+
+@pytest.fixture(scope="session")
+def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterator[ServeInstance]:
     import ray
     from ray import serve
 
@@ -106,17 +129,65 @@ def drift_reference(serve_instance: ServeInstance, registry: Registry) -> str | 
     return ensure_reference(ROOT / "serve_config.yaml", "intent", texts, labels)
 
 
-@pytest.fixture(scope="module")
-def intent_app(serve_instance: ServeInstance) -> Iterator[str]:
-    """The shipped ``serve_config.yaml`` application, deployed for one test module."""
-    from ray import serve
-
+@pytest.fixture(scope="session")
+def shipped_app(serve_instance: ServeInstance) -> Callable[[object], str]:
+    """``use(config)`` deploys a variant of the shipped config as the :data:`SHIPPED_APP` app,
+    in place when it is already running, and returns the base URL once it is ready. Only modules
+    in :data:`SHIPPED_APP_MODULES` may use it (see the module docstring)."""
     from graphs.deploy import deploy, wait_ready
 
-    deploy(ROOT / "serve_config.yaml")
-    wait_ready(serve_instance.base_url)
-    yield serve_instance.base_url
-    serve.delete("intent")
+    def use(config: object = ROOT / "serve_config.yaml") -> str:
+        deploy(config)  # type: ignore[arg-type]
+        wait_ready(serve_instance.base_url)
+        return serve_instance.base_url
+
+    return use
+
+
+@pytest.fixture(scope="module")
+def intent_app(shipped_app: Callable[[object], str]) -> str:
+    """The shipped ``serve_config.yaml`` application as it is."""
+    return shipped_app(ROOT / "serve_config.yaml")
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules that share the shipped app one after another, where the first of them
+    would have run, in :data:`SHIPPED_APP_MODULES` order."""
+    sharing = [m for m in SHIPPED_APP_MODULES if any(_module(i) == m for i in items)]
+    for item in items:
+        if "shipped_app" in item.fixturenames and _module(item) not in sharing:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses shipped_app; add its module to SHIPPED_APP_MODULES"
+            )
+    if not sharing:
+        return
+    group = [i for m in sharing for i in items if _module(i) == m]
+    first = next(n for n, i in enumerate(items) if _module(i) in sharing)
+    rest = [i for i in items if _module(i) not in sharing]
+    items[:] = rest[:first] + group + rest[first:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Delete the shipped app once the run leaves the modules that share it (after their own
+    fixtures, which may re-apply a config, have been torn down)."""
+    result = yield
+    leaving = _module(item) in SHIPPED_APP_MODULES and (
+        nextitem is None or _module(nextitem) not in SHIPPED_APP_MODULES
+    )
+    if leaving:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            if SHIPPED_APP in serve.status().applications:
+                serve.delete(SHIPPED_APP)
+    return result
 
 
 @pytest.fixture(scope="session")

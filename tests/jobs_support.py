@@ -46,17 +46,19 @@ FAST_RUNNER = {
 """Runner knobs that make crash recovery and webhook retries take seconds, not minutes."""
 
 
-def jobs_config(env: dict[str, str], path: Path, gateway: dict[str, Any] | None = None) -> Path:
-    """The shipped config, its app running with ``env`` and fast runner knobs."""
+def jobs_config(path: Path, gateway: dict[str, Any] | None = None) -> Path:
+    """The shipped config with fast runner knobs, for an app whose replicas already have the job
+    settings (the session sets them before Ray starts). Only ``user_config`` and the encoder's
+    ``max_replicas`` differ from the shipped file, so applying it to the running app reconfigures
+    replicas without a restart."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
-    app["runtime_env"] = {"env_vars": {**env, "PYTHONPATH": str(ROOT)}}
     for deployment in app["deployments"]:
         if deployment["name"] == "JobRunner":
+            # The autoscaling policy is left alone: Serve counts a deployment's policy (kwargs
+            # included) in the app's code version, so changing it would restart every replica.
+            # Serve's controller has the session's env too, so the policy finds the same store.
             deployment["user_config"].update(FAST_RUNNER)
-            # Serve's controller does not run with the app's env: name the store explicitly.
-            policy = deployment["autoscaling_config"]["policy"]
-            policy["policy_kwargs"]["store_url"] = store_url(env)
         if deployment["name"] == "Gateway":
             deployment["user_config"].update(gateway or {})
         if deployment["name"] == "Encoder":

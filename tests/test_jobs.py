@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,12 +18,10 @@ import pytest
 from batch.adapter import stage_of_actor
 from servecore.dataset import load_split
 from servecore.jobs import JobStore
-from servecore.settings import get_settings
 from servecore.webhooks import SIGNATURE_HEADER, verify
 from tests.jobs_support import (
     SECRET,
     jobs_config,
-    jobs_env,
     store_url,
     wait_job,
     wait_until,
@@ -34,35 +31,21 @@ from tests.jobs_support import (
 pytestmark = pytest.mark.serve
 
 MAX_TEXTS = 300
+REPEATS = 6
+"""Copies of the test split in the dataset job whose encoder actor is killed."""
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """This module's job settings, in the test process too (for the store it inspects)."""
-    values = jobs_env(tmp_path_factory.mktemp("jobs"))
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    get_settings.cache_clear()
-    yield values
-    for key, value in previous.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    get_settings.cache_clear()
+def env(jobs_settings) -> dict[str, str]:
+    """The session's job settings (the shipped app's replicas and this process share them)."""
+    return jobs_settings
 
 
 @pytest.fixture(scope="module")
-def url(serve_instance, env, tmp_path_factory) -> Iterator[str]:
-    from ray import serve
-
-    from graphs.deploy import deploy, wait_ready
-
+def url(shipped_app, tmp_path_factory) -> str:
+    """The shared shipped app, reconfigured in place with fast runner knobs."""
     path = tmp_path_factory.mktemp("config") / "serve_config.yaml"
-    deploy(jobs_config(env, path, gateway={"jobs": {"max_texts": MAX_TEXTS}}))
-    wait_ready(serve_instance.base_url)
-    yield serve_instance.base_url
-    serve.delete("intent")
+    return shipped_app(jobs_config(path, gateway={"jobs": {"max_texts": MAX_TEXTS}}))
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +247,13 @@ def _alive_encoder(since_ms: float) -> int | None:
 def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, env, texts):
     """A dataset job runs the batch path's Ray Data pipeline inside the runner. Mid-job its
     encoder actor's process is SIGKILLed (as the OOM killer would): Ray Data restarts the actor
-    and every row is still scored exactly once (issue 3's worker-failure point, via the API)."""
-    rows = texts * 2
+    and every row is still scored exactly once (issue 3's worker-failure point, via the API).
+
+    The kill waits for the first output file with an encoder actor still alive. Six copies of the
+    test split (8 blocks of ~160 rows) keep the encoders busy for ~15 s after that file appears;
+    with two copies the last blocks were encoded within a second of the first file, and the test
+    once waited in vain."""
+    rows = texts * REPEATS
     ids = [f"t-{i}" for i in range(len(rows))]
     table = pa.table({"id": [*ids, "bad-1"], "text": pa.array([*rows, ""], pa.string())})
     pq.write_table(table, Path(env["INTENT_SERVING_JOBS_DATA_DIR"]) / "tickets.parquet")
@@ -293,6 +281,6 @@ def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, e
     scored = pq.read_table(result["predictions"]).to_pandas()
     assert sorted(scored["id"]) == sorted(ids)  # every row once
     by_id = dict(zip(scored["id"], scored["label"], strict=True))
-    expected = [p["label"] for p in online(url, texts)] * 2
+    expected = [p["label"] for p in online(url, texts)] * REPEATS
     assert [by_id[i] for i in ids] == expected
     assert set(result["model_versions"]) >= {"Encoder", "LinearHead"}

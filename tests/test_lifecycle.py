@@ -192,17 +192,10 @@ def wait_for_release(url: str, version: str, timeout_s: float = 90.0) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def fast_app(serve_instance, tmp_path_factory) -> Iterator[str]:
-    """The shipped application with one-second registry polls, for this module's Serve tests
+def fast_app(shipped_app, tmp_path_factory) -> str:
+    """The shared shipped app with one-second registry polls, for this module's Serve tests
     (each one re-applies the gateway settings it needs: a live reconfigure, no restart)."""
-    from ray import serve
-
-    from graphs.deploy import deploy, wait_ready
-
-    deploy(fast_polling_config(tmp_path_factory.mktemp("config")))
-    wait_ready(serve_instance.base_url)
-    yield serve_instance.base_url
-    serve.delete("intent")
+    return shipped_app(fast_polling_config(tmp_path_factory.mktemp("config")))
 
 
 @pytest.mark.serve
@@ -320,6 +313,9 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
         split["variants"][0]["weight"] = 0
         deploy(fast_polling_config(tmp_path, {"experiment": split}))
         assert {predict(url, TEXTS, f"user-{i}")["variant"] for i in range(20)} == {"challenger"}
+        # A new split counts from zero (the traffic above was served under the 50/50 one).
+        counted = {v["name"]: v["requests"] for v in experiments(url)["variants"]}
+        assert counted == {"champion": 0, "challenger": 20}
 
         # A shadow that fails never touches the answers: a variant whose linear head cannot load.
         (tmp_path / "no-model").mkdir()

@@ -59,7 +59,7 @@ CALLS_PER_ACTOR = 2
 still runs one batch at a time (Ray Data serialises the class's ``__call__``); the second call
 fetches its input block and converts it to numpy batches, and turns the previous output into a
 block, while torch (which releases the GIL) computes. With one call per actor that work sits between
-two forward passes: on 10,000 texts (2 CPUs) the steady state went from 62 to 73 rows/s."""
+two forward passes: on 10,000 texts (2 CPUs) the steady state went from 62 to 70-73 rows/s."""
 BYTES_PER_ROW = 100
 """Estimate for CSV and JSON lines, whose row counts are unknown until read."""
 

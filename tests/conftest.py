@@ -137,6 +137,7 @@ def shipped_app(serve_instance: ServeInstance) -> Callable[[object], str]:
     from graphs.deploy import deploy, wait_ready
 
     def use(config: object = ROOT / "serve_config.yaml") -> str:
+        _deployed.add(SHIPPED_APP)
         deploy(config)  # type: ignore[arg-type]
         wait_ready(serve_instance.base_url)
         return serve_instance.base_url
@@ -148,6 +149,10 @@ def shipped_app(serve_instance: ServeInstance) -> Callable[[object], str]:
 def intent_app(shipped_app: Callable[[object], str]) -> str:
     """The shipped ``serve_config.yaml`` application as it is."""
     return shipped_app(ROOT / "serve_config.yaml")
+
+
+_deployed: set[str] = set()
+"""The shared app's name while :func:`shipped_app` has deployed it and it is not deleted yet."""
 
 
 def _module(item: pytest.Item) -> str:
@@ -179,14 +184,11 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     leaving = _module(item) in SHIPPED_APP_MODULES and (
         nextitem is None or _module(nextitem) not in SHIPPED_APP_MODULES
     )
-    if leaving:
-        import ray
+    if leaving and SHIPPED_APP in _deployed:
+        from ray import serve
 
-        if ray.is_initialized():
-            from ray import serve
-
-            if SHIPPED_APP in serve.status().applications:
-                serve.delete(SHIPPED_APP)
+        _deployed.discard(SHIPPED_APP)
+        serve.delete(SHIPPED_APP)
     return result
 
 

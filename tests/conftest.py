@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,16 +130,20 @@ def drift_reference(serve_instance: ServeInstance, registry: Registry) -> str | 
     return ensure_reference(ROOT / "serve_config.yaml", "intent", texts, labels)
 
 
+AppConfig = dict[str, Any] | str | Path
+"""What :func:`graphs.deploy.deploy` takes: a config dict or a config file."""
+
+
 @pytest.fixture(scope="session")
-def shipped_app(serve_instance: ServeInstance) -> Callable[[object], str]:
+def shipped_app(serve_instance: ServeInstance) -> Callable[[AppConfig], str]:
     """``use(config)`` deploys a variant of the shipped config as the :data:`SHIPPED_APP` app,
     in place when it is already running, and returns the base URL once it is ready. Only modules
     in :data:`SHIPPED_APP_MODULES` may use it (see the module docstring)."""
     from graphs.deploy import deploy, wait_ready
 
-    def use(config: object = ROOT / "serve_config.yaml") -> str:
+    def use(config: AppConfig = ROOT / "serve_config.yaml") -> str:
         _deployed.add(SHIPPED_APP)
-        deploy(config)  # type: ignore[arg-type]
+        deploy(config)
         wait_ready(serve_instance.base_url)
         return serve_instance.base_url
 
@@ -146,7 +151,7 @@ def shipped_app(serve_instance: ServeInstance) -> Callable[[object], str]:
 
 
 @pytest.fixture(scope="module")
-def intent_app(shipped_app: Callable[[object], str]) -> str:
+def intent_app(shipped_app: Callable[[AppConfig], str]) -> str:
     """The shipped ``serve_config.yaml`` application as it is."""
     return shipped_app(ROOT / "serve_config.yaml")
 

@@ -141,12 +141,12 @@ def fake_graph(
         stages[plan.deployment] = _pinned(stage, version).bind(
             stage_class, kwargs, plan.output_prefix
         )
-    more = dict(gateway_options or {})
+    gateway_more = dict(gateway_options or {})
     gateway = Gateway.options(
         name="Gateway",
-        ray_actor_options={**options, **more.pop("ray_actor_options", {})},
+        ray_actor_options={**options, **gateway_more.pop("ray_actor_options", {})},
         user_config=gateway_config or {},
-        **more,
+        **gateway_more,
     )
     return _pinned(gateway, version).bind(spec.model_dump(), stages, job_runner)
 

@@ -36,12 +36,6 @@ REPEATS = 6
 
 
 @pytest.fixture(scope="module")
-def env(jobs_settings) -> dict[str, str]:
-    """The session's job settings (the shipped app's replicas and this process share them)."""
-    return jobs_settings
-
-
-@pytest.fixture(scope="module")
 def url(shipped_app, tmp_path_factory) -> str:
     """The shared shipped app, reconfigured in place with fast runner knobs."""
     path = tmp_path_factory.mktemp("config") / "serve_config.yaml"
@@ -201,10 +195,10 @@ def _runner_actors() -> list:
     return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
 
 
-def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, env, texts):
+def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, jobs_settings, texts):
     import ray
 
-    store = JobStore(store_url(env))
+    store = JobStore(store_url(jobs_settings))
     cycled = texts * 4  # the test split has 210 texts; each job gets its own 128 in a new order
     slices = [cycled[i * 37 : i * 37 + 128] for i in range(5)]
     ids = [submit(url, {"texts": s}).json()["id"] for s in slices]
@@ -244,7 +238,9 @@ def _alive_encoder(since_ms: float) -> int | None:
     return int(min(alive, key=lambda actor: actor["StartTime"])["Pid"])
 
 
-def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, env, texts):
+def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(
+    url, jobs_settings, texts
+):
     """A dataset job runs the batch path's Ray Data pipeline inside the runner. Mid-job its
     encoder actor's process is SIGKILLed (as the OOM killer would): Ray Data restarts the actor
     and every row is still scored exactly once (issue 3's worker-failure point, via the API).
@@ -256,13 +252,13 @@ def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(url, e
     rows = texts * REPEATS
     ids = [f"t-{i}" for i in range(len(rows))]
     table = pa.table({"id": [*ids, "bad-1"], "text": pa.array([*rows, ""], pa.string())})
-    pq.write_table(table, Path(env["INTENT_SERVING_JOBS_DATA_DIR"]) / "tickets.parquet")
+    pq.write_table(table, Path(jobs_settings["INTENT_SERVING_JOBS_DATA_DIR"]) / "tickets.parquet")
     since_ms = time.time() * 1000
     response = submit(url, {"dataset": {"path": "tickets.parquet"}})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
 
-    written = Path(env["INTENT_SERVING_JOBS_DIR"]) / "outputs" / job_id / "attempt-1"
+    written = Path(jobs_settings["INTENT_SERVING_JOBS_DIR"]) / "outputs" / job_id / "attempt-1"
     victim = wait_until(
         lambda: any((written / "predictions").glob("*.parquet")) and _alive_encoder(since_ms),
         400,

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # turns it off so `serve status` and friends work from other shells (see README, Security).
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install bootstrap serve test test-fast lint bench bench-quick validate clean-registry
+.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: bootstrap
 bench-quick: bootstrap
 	$(PY) -m bench --quick --output /tmp/intent-bench-quick
 	$(PY) -m bench.batch --quick --output /tmp/intent-bench-quick
+
+# What travels to a lent GPU machine (no Ray, MLflow or network there; 64 MiB at most): MiniLM in
+# float16 with its tokenizer and float32 reference embeddings, in .gpu-bundle/ (ignored). There:
+# `python3 -m bench.gpu run --output $$OUT/gpu.json` (see bench/gpu.py and the README).
+gpu-bundle: install
+	$(PY) -m bench.gpu prepare --output .gpu-bundle
 
 clean-registry:
 	rm -rf mlflow.db mlartifacts .cache/models

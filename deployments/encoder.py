@@ -16,6 +16,10 @@ from servecore.batching import Batch
 from servecore.devices import resolve_device, set_torch_threads
 from servecore.registry import open_model
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Weight precisions the encoder runs in. Half precision is for GPUs (the benchmark in
+:mod:`bench.gpu` measures it); pooling and normalisation stay in float32 either way."""
+
 
 def _as_matrix(column: np.ndarray) -> np.ndarray:
     """Token ids as a 2-D matrix; Ray Data may hand ragged rows as an object array."""
@@ -39,6 +43,7 @@ class Encoder:
         device: str = "auto",
         num_threads: int | None = None,
         max_rows_per_forward: int = 64,
+        dtype: str = "float32",
     ) -> None:
         from transformers import AutoModel
 
@@ -46,7 +51,11 @@ class Encoder:
         self.model_ref, path = open_model(model_uri, model_dir, artifact="transformer")
         self.device = resolve_device(device)
         self.max_rows_per_forward = max_rows_per_forward
-        self._model = AutoModel.from_pretrained(str(path)).to(self.device).eval()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype]
+        model = AutoModel.from_pretrained(str(path), dtype=self.dtype)
+        self._model = model.to(self.device).eval()
         self.dimension = int(self._model.config.hidden_size)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -62,8 +71,8 @@ class Encoder:
                 width = max(int(lengths[rows].max()), 1)
                 chunk_ids = torch.from_numpy(ids[rows, :width]).to(self.device)
                 chunk_mask = torch.from_numpy(mask[rows, :width]).to(self.device)
-                hidden = self._model(input_ids=chunk_ids, attention_mask=chunk_mask)[0]
+                hidden = self._model(input_ids=chunk_ids, attention_mask=chunk_mask)[0].float()
                 weights = chunk_mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-                out[rows] = F.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+                out[rows] = F.normalize(pooled, p=2, dim=1).cpu().numpy()
         return {"embedding": out, "num_tokens": lengths.astype(np.int64)}

@@ -1,6 +1,8 @@
 """The MLflow model registry as every stage sees it: ``models:/name@alias`` → a local model folder.
 
-MLflow is imported lazily (it costs ~1.5 s and ~200 MB), so importing this module is cheap.
+MLflow is imported lazily (it costs ~1.5 s and ~200 MB), so importing this module is cheap; so are
+the settings (pydantic), so that a stage class given a folder runs where only torch is installed
+(the GPU benchmark, :mod:`bench.gpu`).
 Artifacts that already live on a local filesystem are read in place; remote ones are downloaded once
 per version into the settings' cache folder.
 """
@@ -20,7 +22,6 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from servecore.errors import RegistryError, RegistryUnavailable
-from servecore.settings import get_settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -84,6 +85,8 @@ def registry_failure(error: Exception, what: str, refused: str | None = None) ->
     if isinstance(error, MlflowException) and error.error_code in _REFUSALS:
         return RegistryError(f"{refused or what}: {error.message}")
     detail = error.message if isinstance(error, MlflowException) else repr(error)
+    from servecore.settings import get_settings
+
     store = get_settings().tracking_uri
     message = f"{what}: the model registry at {store} is unreachable or failing ({detail})"
     # Credentials stay out: the store's URI may carry them, and so does the client's own
@@ -98,6 +101,8 @@ def configure_mlflow() -> str:
     ``registry_timeout_s``) unless the MLflow variables are set explicitly.
     """
     import mlflow
+
+    from servecore.settings import get_settings
 
     settings = get_settings()
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.registry_retries))
@@ -144,6 +149,8 @@ def _local_path(location: str) -> Path | None:
 def fetch(uri: str, client: MlflowClient | None = None) -> tuple[ModelRef, Path]:
     """Resolve ``uri`` and return the local folder of that MLflow model (with its MLmodel file)."""
     import mlflow
+
+    from servecore.settings import get_settings
 
     client = client or get_client()
     ref = resolve(uri, client)

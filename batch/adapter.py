@@ -1,11 +1,13 @@
-"""The class Ray Data runs for every stage: it wraps one plain model class in an actor.
+"""The class Ray Data runs for every stage group: it wraps the group's plain model classes in an
+actor.
 
 ``map_batches(stage_actor_class(name), fn_constructor_kwargs=stage.constructor_kwargs(), ...)``
-builds the model once per actor (torch gets as many threads as the actor was granted CPUs), feeds
-it the columns it reads and adds its outputs, renamed with the stage's ``output_prefix`` exactly as
-the Serve wrapper renames them. Columns no later stage needs are dropped on the way, each row's
-``model_versions`` grows by the stage's registered version, and the last stage turns the
-ensemble's output into the job's output columns. Ray Serve is never imported here.
+builds the group's models once per actor (torch gets as many threads as the actor was granted
+CPUs), runs its stages one after another on each batch (:class:`servecore.graph.StageChain`, as
+the Serve wrapper does), feeding each the columns it reads and adding its outputs, renamed with the
+stage's ``output_prefix`` exactly as Serve renames them. Columns no later group needs are dropped
+on the way, each row's ``model_versions`` grows by every stage's registered version, and the last
+group turns the ensemble's output into the job's output columns. Ray Serve is never imported here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 from batch.plan import ID, TEXT, VERSIONS
 from servecore import LABELS
 from servecore.batching import Batch, num_rows
+from servecore.graph import StageChain
+from servecore.spec import GroupPlan
 from servecore.stages import build_stage
 
 logger = logging.getLogger(__name__)
@@ -50,43 +54,39 @@ def output_columns(
 
 
 class StageActor:
-    """One pipeline stage inside a Ray Data actor (see the module docstring)."""
+    """One stage group inside a Ray Data actor (see the module docstring)."""
 
-    def __init__(
-        self,
-        stage_class: str,
-        init_kwargs: dict[str, Any],
-        deployment: str,
-        output_prefix: str,
-        reads: list[str],
-        keeps: list[str],
-        last: bool,
-    ) -> None:
-        started = time.perf_counter()
-        self.model = build_stage(stage_class, init_kwargs)
-        self.deployment = deployment
-        self.output_prefix = output_prefix
+    def __init__(self, group: GroupPlan, reads: list[str], keeps: list[str], last: bool) -> None:
+        self.group = group
+        self.models: dict[str, Any] = {}
+        versions = []
+        for plan in group.stages:
+            started = time.perf_counter()
+            model = self.models[plan.deployment] = build_stage(plan.stage_class, plan.init_kwargs)
+            ref = getattr(model, "model_ref", None)
+            if ref is not None:
+                versions.append(f"{plan.deployment}={ref.name}/{ref.version}")
+            logger.info(
+                "stage %s loaded %s in %.1fs (%s)",
+                plan.deployment,
+                plan.stage_class,
+                time.perf_counter() - started,
+                versions[-1] if ref is not None else None,
+            )
+        self.chain = StageChain(group.stages)
+        self.stages = group.stage_names
         self.reads = tuple(reads)
         self.keeps = frozenset(keeps)
         self.last = last
-        ref = getattr(self.model, "model_ref", None)
-        self.version = None if ref is None else f"{deployment}={ref.name}/{ref.version}"
-        self.labels = tuple(getattr(self.model, "labels", LABELS))
-        logger.info(
-            "stage %s loaded %s in %.1fs (%s)",
-            deployment,
-            stage_class,
-            time.perf_counter() - started,
-            self.version,
-        )
+        self.version = ",".join(versions) or None
+        """This group's part of each row's ``model_versions``, stages in order."""
+        self.labels = tuple(getattr(self.models[self.stages[-1]], "labels", LABELS))
 
     def __call__(self, batch: Batch) -> Batch:
         missing = [c for c in self.reads if c not in batch]
         if missing:
-            raise KeyError(f"stage {self.deployment} needs columns {missing}; got {sorted(batch)}")
-        output = self.model({c: batch[c] for c in self.reads})
-        if self.output_prefix:
-            output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
+            raise KeyError(f"stage {self.group.name} needs columns {missing}; got {sorted(batch)}")
+        output = self.chain({c: batch[c] for c in self.reads}, self.stages, self.models)
         result = {k: v for k, v in batch.items() if k in self.keeps}
         result.update({k: v for k, v in output.items() if self.last or k in self.keeps})
         if self.version is not None:
@@ -104,10 +104,10 @@ class StageActor:
 
 @functools.cache
 def stage_actor_class(deployment: str) -> type[StageActor]:
-    """:class:`StageActor` under the stage's own name.
+    """:class:`StageActor` under the group's own name.
 
     Ray Data names an operator, its progress bar and its actors after the class
-    (``MapBatches(Encoder)``, actor ``MapWorker(MapBatches(Encoder))``); six pools of one class
+    (``MapBatches(Encoder)``, actor ``MapWorker(MapBatches(Encoder))``); several pools of one class
     would be indistinguishable in the progress output, the dashboard and the job summary. The
     subclass adds nothing else; it is not importable, so Ray ships it by value.
     """

@@ -101,11 +101,19 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="rows per stage call (default: %(default)s)",
     )
     ray_group.add_argument(
-        "--encoder-actors", type=int, default=None, help="fixed number of encoder actors"
+        "--encoder-actors",
+        type=int,
+        default=None,
+        help="fixed number of actors of the encoder's stage group",
     )
-    ray_group.add_argument("--encoder-cpus", type=float, default=None, help="CPUs per encoder")
     ray_group.add_argument(
-        "--encoder-gpus", type=float, default=None, help="GPUs (or a fraction) per encoder"
+        "--encoder-cpus", type=float, default=None, help="CPUs per actor of the encoder's group"
+    )
+    ray_group.add_argument(
+        "--encoder-gpus",
+        type=float,
+        default=None,
+        help="GPUs (or a fraction) per actor of the encoder's group",
     )
     ray_group.add_argument(
         "--stage-option",
@@ -113,8 +121,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         type=_stage_option,
         default=[],
         metavar="STAGE.OPTION=VALUE",
-        help=f"any stage's resources, repeatable; OPTION is one of {', '.join(RESOURCE_FIELDS)} "
-        "(e.g. --stage-option BagOfWords.num_cpus=0.5)",
+        help="any stage group's resources (a stage name means its group), repeatable; OPTION is "
+        f"one of {', '.join(RESOURCE_FIELDS)} (e.g. --stage-option Pipeline.num_cpus=0.5)",
     )
     ray_group.add_argument(
         "--num-blocks",

@@ -2,8 +2,8 @@
 
 ``BatchPipeline.prepare`` reads the application from the same ``serve_config.yaml`` that Serve runs
 (its ``args`` are the pipeline spec, its ``deployments`` the resources), and ``predictions()``
-chains one ``map_batches`` per ``spec.stage_plans()`` entry, each an actor pool of
-:class:`batch.adapter.StageActor` built from the stage's class path and constructor kwargs. A job
+chains one ``map_batches`` per stage group (``spec.group_plans()``), each an actor pool of
+:class:`batch.adapter.StageActor` running the group's stage classes in process. A job
 (:func:`run_job`) makes two passes over the input: one writes the rows that cannot be scored to
 ``rejects/``, the other scores the rest into ``predictions/``; both use the same row sorter, so
 the two always add up to the input.
@@ -97,7 +97,8 @@ class JobOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     num_blocks: int | None = None
     overrides: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per stage (deployment name) resource fields, e.g. ``{"Encoder": {"max_actors": 2}}``."""
+    """Resource fields per group (or per stage name, meaning its group), e.g.
+    ``{"Encoder": {"max_actors": 2}}``."""
     keep_text: bool = False
     keep_columns: tuple[str, ...] = ()
     """Intermediate columns carried to the output (``embedding`` for drift profiles)."""

@@ -1,10 +1,12 @@
 """How a pipeline spec becomes Ray Data stages: which columns each stage reads and keeps, and what
 resources its actor pool gets.
 
-Nothing here starts Ray. The stages are ``spec.stage_plans()`` (the same list the Serve graph is
-built from); the resources start from the application's ``deployments:`` section in the same config
-file and can be overridden per stage. :func:`fit_to_cluster` then shrinks CPU requests to what the
-cluster has free, because a Ray Data actor pool that cannot get its CPUs waits forever.
+Nothing here starts Ray. One Ray Data stage (one ``map_batches``, one actor pool) runs per stage
+group of the spec (``spec.group_plans()``, the same groups the Serve graph deploys), its stages in
+process one after another; the resources start from the group's entry in the application's
+``deployments:`` section in the same config file and can be overridden per group (or per stage
+name, which means the group that holds it). :func:`fit_to_cluster` then shrinks CPU requests to
+what the cluster has free, because a Ray Data actor pool that cannot get its CPUs waits forever.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from servecore.spec import PipelineSpec, StagePlan
+from servecore.spec import GroupPlan, PipelineSpec, StagePlan
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +37,6 @@ actors that take every CPU starve the read tasks and the job hangs."""
 LIGHT_STAGE_CPUS = 0.25
 """Least CPU a stage actor asks for. Serve runs light stages at ``num_cpus: 0``; in Ray Data an
 actor pool must claim something, or nothing bounds how many share a core."""
-
-_STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "text": (TEXT,),
-    "tokens": ("input_ids", "attention_mask"),
-    "embedding": ("embedding",),
-}
 
 
 @dataclass(frozen=True)
@@ -72,38 +68,42 @@ RESOURCE_FIELDS = tuple(f.name for f in fields(StageResources))
 
 @dataclass(frozen=True)
 class BatchStage:
-    """One ``map_batches`` of the batch pipeline."""
+    """One ``map_batches`` of the batch pipeline: one stage group."""
 
-    plan: StagePlan
+    group: GroupPlan
     reads: tuple[str, ...]
-    """Columns the stage's class is fed."""
+    """Columns the group is fed (those its stages read and no stage of it produces)."""
     keeps: tuple[str, ...]
-    """Columns still needed after this stage (by later stages, or in the output)."""
+    """Columns still needed after this group (by later groups, or in the output)."""
     last: bool
     resources: StageResources
 
     @property
     def name(self) -> str:
-        return self.plan.deployment
+        return self.group.name
+
+    @property
+    def plans(self) -> tuple[StagePlan, ...]:
+        return self.group.stages
 
     def constructor_kwargs(self) -> dict[str, Any]:
-        """``fn_constructor_kwargs`` of the stage's :class:`batch.adapter.StageActor`."""
+        """``fn_constructor_kwargs`` of the group's :class:`batch.adapter.StageActor`."""
         return {
-            "stage_class": self.plan.stage_class,
-            "init_kwargs": dict(self.plan.init_kwargs),
-            "deployment": self.plan.deployment,
-            "output_prefix": self.plan.output_prefix,
+            "group": self.group,
             "reads": list(self.reads),
             "keeps": list(self.keeps),
             "last": self.last,
         }
 
 
-def stage_reads(plan: StagePlan) -> tuple[str, ...]:
-    """Columns a stage plan consumes (the ensemble reads its members' prefixed probabilities)."""
-    if plan.input == "members":
-        return tuple(f"{member}.probs" for member in plan.members)
-    return _STAGE_INPUTS[plan.input]
+def group_reads(group: GroupPlan) -> tuple[str, ...]:
+    """Columns a group consumes from outside itself, in first-read order."""
+    produced: set[str] = set()
+    reads: list[str] = []
+    for plan in group.stages:
+        reads += [c for c in plan.reads if c not in produced and c not in reads]
+        produced.update(plan.outputs)
+    return tuple(reads)
 
 
 def resources_from_deployment(
@@ -164,34 +164,39 @@ def plan_stages(
     keep_text: bool = False,
     keep_columns: Iterable[str] = (),
 ) -> list[BatchStage]:
-    """The Ray Data stages of ``spec``, in ``spec.stage_plans()`` order.
+    """The Ray Data stages of ``spec``: one per stage group, in ``spec.group_plans()`` order.
 
     ``deployments`` is the application's ``deployments:`` section keyed by name; ``overrides`` maps
-    a deployment name to resource fields (see :data:`RESOURCE_FIELDS`). ``keep_columns`` are
-    intermediate columns (``embedding``) carried to the output.
+    a group name, or the name of a stage in it, to resource fields (see :data:`RESOURCE_FIELDS`).
+    ``keep_columns`` are intermediate columns (``embedding``) carried to the output.
     """
-    plans = spec.stage_plans()
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - {p.deployment for p in plans}
+    groups = spec.group_plans()
+    group_of = {stage: g.name for g in groups for stage in g.stage_names}
+    group_of.update({g.name: g.name for g in groups})
+    unknown = set(overrides or {}) - set(group_of)
     if unknown:
         raise ValueError(
-            f"no stage named {sorted(unknown)}; stages are {[p.deployment for p in plans]}"
+            f"no stage named {sorted(unknown)}; stages are {list(group_of)}"
+            f" (groups: {[g.name for g in groups]})"
         )
+    by_group: dict[str, dict[str, float | int]] = {}
+    for name, values in (overrides or {}).items():
+        by_group.setdefault(group_of[name], {}).update(values)
     passthrough = {ID, VERSIONS, *keep_columns} | ({TEXT} if keep_text else set())
-    reads = [stage_reads(p) for p in plans]
+    reads = [group_reads(g) for g in groups]
     stages = []
-    for i, plan in enumerate(plans):
+    for i, group in enumerate(groups):
         later = {column for r in reads[i + 1 :] for column in r}
         resources = apply_overrides(
-            resources_from_deployment(deployments.get(plan.deployment), batch_size),
-            overrides.get(plan.deployment),
+            resources_from_deployment(deployments.get(group.name), batch_size),
+            by_group.get(group.name),
         )
         stages.append(
             BatchStage(
-                plan=plan,
+                group=group,
                 reads=reads[i],
                 keeps=tuple(sorted(passthrough | later)),
-                last=i == len(plans) - 1,
+                last=i == len(groups) - 1,
                 resources=resources,
             )
         )

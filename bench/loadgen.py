@@ -9,12 +9,13 @@ few are kept as samples: they are reported, never dropped. Only loopback address
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +27,32 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 MAX_ERROR_SAMPLES = 5
+
+
+def _intent_body(texts: list[str]) -> dict[str, Any]:
+    return {"texts": texts}
+
+
+def _intent_answers(body: Any) -> int:
+    """Predictions in a ``/v1/predict`` answer (a ``TypeError``/``KeyError`` if it has none)."""
+    predictions = body["predictions"]
+    if not isinstance(predictions, list):
+        raise TypeError(f"predictions is {type(predictions).__name__}, not a list")
+    return len(predictions)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one system is asked: the JSON body for some texts, and how many answers a response
+    body holds (raising ``KeyError``, ``TypeError`` or ``ValueError`` if it holds none)."""
+
+    name: str
+    body: Callable[[list[str]], dict[str, Any]]
+    answers: Callable[[Any], int]
+
+
+INTENT = Protocol("intent /v1/predict", _intent_body, _intent_answers)
+"""The gateway's own API, which the FastAPI peers speak too."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +67,9 @@ class LoadSpec:
     use_cache: bool = False
     """False sends ``Cache-Control: no-cache``: the served graph's response cache would otherwise
     answer the benchmark's repeated texts and hide the model path being measured."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """More headers on every request (an API key)."""
+    protocol: Protocol = INTENT
 
 
 @dataclass
@@ -113,6 +143,7 @@ class _Run:
 
     def __init__(self, spec: LoadSpec, texts: TextCycler) -> None:
         self.headers = {} if spec.use_cache else {"Cache-Control": "no-cache"}
+        self.headers.update(dict(spec.headers))
         self.spec = spec
         self.texts = texts
         self.issued = 0
@@ -141,10 +172,11 @@ class _Run:
 
 
 async def _client(client: httpx.AsyncClient, url: str, run: _Run) -> None:
+    protocol = run.spec.protocol
     while (texts := run.next_request()) is not None:
         started = time.perf_counter()
         try:
-            response = await client.post(url, json={"texts": texts}, headers=run.headers)
+            response = await client.post(url, json=protocol.body(texts), headers=run.headers)
         except httpx.HTTPError as e:
             run.fail(type(e).__name__, repr(e))
             continue
@@ -153,11 +185,11 @@ async def _client(client: httpx.AsyncClient, url: str, run: _Run) -> None:
             run.fail(str(response.status_code), response.text)
             continue
         try:
-            predictions = response.json()["predictions"]
+            answers = protocol.answers(response.json())
         except (ValueError, KeyError, TypeError) as e:
             run.fail("bad-body", f"{e!r}: {response.text}")
             continue
-        if not isinstance(predictions, list) or len(predictions) != len(texts):
+        if answers != len(texts):
             run.fail("bad-body", f"expected {len(texts)} predictions: {response.text}")
             continue
         run.statuses["200"] += 1
@@ -194,7 +226,7 @@ async def _run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:
 
 
 def run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:
-    """Drive ``url`` (``POST {"texts": [...]}``) with ``spec``'s load; blocks until done."""
+    """Drive ``url`` (``POST`` in ``spec.protocol``) with ``spec``'s load; blocks until done."""
     return asyncio.run(_run_load(url, spec, texts))
 
 
@@ -202,13 +234,7 @@ def warm_up(url: str, spec: LoadSpec, texts: TextCycler, seconds: float, label: 
     """``seconds`` of the same load as ``spec``, discarded (its errors are logged)."""
     if seconds <= 0:
         return
-    warm = LoadSpec(
-        concurrency=spec.concurrency,
-        texts_per_request=spec.texts_per_request,
-        max_requests=10**9,
-        max_seconds=seconds,
-        timeout_s=spec.timeout_s,
-    )
+    warm = dataclasses.replace(spec, max_requests=10**9, max_seconds=seconds)
     result = run_load(url, warm, texts)
     if result.errors:
         logger.warning(

@@ -50,6 +50,10 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
     """Start a private Ray cluster, deploy ``config_path`` and wait for ``/readyz``; shut all down
     on exit, also when deploying or measuring failed."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    from graphs.deploy import haproxy_env
+
+    # HTTP through HAProxy, as `make serve` runs it (before Ray starts: Serve reads it at import).
+    os.environ.update(haproxy_env(free_port))
     import ray
     from ray import serve
 

@@ -34,7 +34,7 @@ from ray.serve.context import _set_request_context
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stage import StageOutput
+from deployments.stage import StageOutput, finish_route, start_route
 from servecore import LABELS
 from servecore.auth import ANONYMOUS, Guard, KeyRing, LimitsConfig
 from servecore.batching import split_batch, text_batch
@@ -61,6 +61,7 @@ from servecore.experiments import (
     ShadowStats,
     VariantStats,
 )
+from servecore.graph import EMBEDDING, PREDICTION, Layout
 from servecore.http_errors import error_response, install_error_handlers, request_id
 from servecore.jobs import JobState, JobStore, dataset_path, public_job
 from servecore.prediction_log import records as log_records
@@ -224,12 +225,14 @@ class Gateway:
     def __init__(
         self,
         spec: dict[str, Any],
-        stages: dict[str, DeploymentHandle],
+        groups: dict[str, DeploymentHandle],
         job_runner: DeploymentHandle | None = None,
         monitor: DeploymentHandle | None = None,
     ) -> None:
         self.spec = PipelineSpec.model_validate(spec)
-        self.stages = stages
+        self.groups = groups
+        self.layout = Layout(self.spec)
+        self._pins: dict[str, dict[str, str]] = {}
         self.job_runner = job_runner
         self.monitor = monitor
         self._samples: collections.deque[dict[str, Any]] = collections.deque()
@@ -237,7 +240,6 @@ class Gateway:
         self.samples_dropped = 0
         self._job_store: JobStore | None = None
         self._job_producer: Any = None
-        self.head_stages = [m.deployment for m in self.spec.members if m.input == "embedding"]
         self.text_stages = [m.deployment for m in self.spec.members if m.input == "text"]
         self.prefixes = {plan.deployment: plan.output_prefix for plan in self.spec.stage_plans()}
         self.encoder_name = self.spec.encoder_name()
@@ -387,36 +389,29 @@ class Gateway:
 
     # --- the graph ---------------------------------------------------------------------------
 
-    def _classify(self, texts: list[str], release: Release) -> list[Any]:
-        """Start the whole graph for ``texts`` on ``release``; returns every stage call's
-        response, the ensemble's last."""
-        pins = {name: release.pin(uri) for name, uri in self.stage_uris.items()}
-        batch = text_batch(texts)
-        tokens = self.stages["Tokenizer"].remote(batch, pin=pins["Tokenizer"])
-        embeddings = self.stages["Encoder"].remote(tokens, pin=pins["Encoder"])
-        members = [
-            self.stages[name].remote(embeddings, pin=pins[name]) for name in self.head_stages
-        ]
-        members += [self.stages[name].remote(batch, pin=pins[name]) for name in self.text_stages]
-        ensemble = self.stages["Ensemble"].remote(*members, pin=pins["Ensemble"])
-        return [tokens, embeddings, *members, ensemble]
+    def _pins_of(self, release: Release) -> dict[str, str]:
+        """Stage → the pinned model URI it runs for ``release`` (stages without a model absent)."""
+        pins = self._pins.get(release.key)
+        if pins is None:
+            found = {stage: release.pin(uri) for stage, uri in self.stage_uris.items()}
+            pins = {stage: pin for stage, pin in found.items() if pin is not None}
+            if len(self._pins) > 64:  # releases come and go: keep the memo small
+                self._pins.clear()
+            self._pins[release.key] = pins
+        return pins
+
+    async def _run(
+        self, want: tuple[str, ...], texts: list[str], release: Release, timeout_s: float
+    ) -> StageOutput:
+        """The columns ``want`` for ``texts`` on ``release``, through the stage groups that
+        produce them (every group call started at once; see :func:`finish_route`)."""
+        route = self.layout.route(want)
+        calls = start_route(self.groups, route, text_batch(texts), self._pins_of(release))
+        return await finish_route(calls, route, timeout_s)
 
     async def _graph(self, texts: list[str], release: Release, timeout_s: float) -> StageOutput:
-        """The graph's answer for ``texts`` within ``timeout_s``.
-
-        A call that times out, fails or is cancelled (its callers went away) cancels every stage
-        call it started, not only the ensemble's that it awaits: a stage call still waiting for
-        an upstream result that was lost with its replica would otherwise stay queued, or keep
-        being re-routed by Serve, for nobody.
-        """
-        calls = self._classify(texts, release)
-        try:
-            output: StageOutput = await asyncio.wait_for(calls[-1], timeout_s)
-        except BaseException:
-            for call in calls:
-                call.cancel()
-            raise
-        return output
+        """The whole pipeline's answer for ``texts`` within ``timeout_s``."""
+        return await self._run(PREDICTION, texts, release, timeout_s)
 
     def _coalescer(self, variant: str) -> Coalescer[GraphRequest, StageOutput]:
         coalescer = self.coalescers.get(variant)
@@ -485,11 +480,9 @@ class Gateway:
     async def _fallback(self, texts: list[str], release: Release) -> StageOutput:
         stage = self.knobs.fallback.stage
         assert stage is not None
-        output: StageOutput = await asyncio.wait_for(
-            self.stages[stage].remote(text_batch(texts), pin=release.pin(self.stage_uris[stage])),
-            self.graph_timeout_s,
-        )
-        probs = np.asarray(output.batch[f"{self.prefixes[stage]}probs"], dtype=np.float32)
+        column = f"{self.prefixes[stage]}probs"
+        output = await self._run((column,), texts, release, self.graph_timeout_s)
+        probs = np.asarray(output.batch[column], dtype=np.float32)
         labels = np.asarray([LABELS[i] for i in probs.argmax(axis=1)], dtype=object)
         return StageOutput({"probs": probs, "label": labels}, output.models)
 
@@ -734,13 +727,7 @@ class Gateway:
         experiment = self.knobs.experiment
         release = self.releases[experiment.assign(request.headers.get(experiment.sticky_header))]
         try:
-            tokens = self.stages["Tokenizer"].remote(
-                text_batch(texts), pin=release.pin(self.stage_uris["Tokenizer"])
-            )
-            output: StageOutput = await asyncio.wait_for(
-                self.stages["Encoder"].remote(tokens, pin=release.pin(self.stage_uris["Encoder"])),
-                self.graph_timeout_s,
-            )
+            output = await self._run(EMBEDDING, texts, release, self.graph_timeout_s)
         except TimeoutError as e:
             raise PipelineTimeout(
                 f"the encoder did not answer within {self.graph_timeout_s:g}s; retry shortly"
@@ -765,7 +752,7 @@ class Gateway:
         )
 
     async def _describe_all(self) -> list[dict[str, Any]]:
-        calls = [handle.describe.remote() for handle in self.stages.values()]
+        calls = [handle.describe.remote() for handle in self.groups.values()]
         return await asyncio.wait_for(asyncio.gather(*calls), timeout=READY_TIMEOUT_S)
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)

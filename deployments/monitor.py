@@ -5,9 +5,10 @@ here in batches, without waiting for this replica. For each batch the monitor
 
 1. appends the records to the prediction log (:mod:`servecore.prediction_log`) in a worker thread,
 2. queues the texts for drift scoring: every ``embed_interval_s`` it embeds the queued texts
-   through the application's own ``Tokenizer`` and ``Encoder`` deployments, pinned to the encoder
-   version that answered them, scores each against that version's reference profile (stored in
-   MLflow by :mod:`batch.reference`) and adds it to a sliding window (:mod:`servecore.drift`).
+   through the application's own ``Tokenizer`` and ``Encoder`` stages (the groups that hold them),
+   pinned to the encoder version that answered them, scores each against that version's
+   reference profile (stored in MLflow by :mod:`batch.reference`) and adds it to a sliding window
+   (:mod:`servecore.drift`).
 
 ``drift()`` reports the window (``GET /v1/monitoring/drift``) and every update sets the drift
 gauges. The window lives in this replica: keep ``num_replicas: 1`` (it is light) so the report
@@ -28,16 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stage import StageOutput
+from deployments.stage import finish_route, start_route
 from servecore.batching import text_batch
 from servecore.drift import DriftSettings, DriftWindow, ReferenceProfile
+from servecore.graph import EMBEDDING, Layout
 from servecore.prediction_log import PredictionLog, PredictionLogConfig
 from servecore.settings import get_settings
+from servecore.spec import PipelineSpec
 from servecore.telemetry import metric
 
 logger = logging.getLogger("ray.serve")
 
 REFERENCE_RETRY_S = 60.0
+EMBED_TIMEOUT_S = 60.0
 
 
 class MonitorUserConfig(BaseModel):
@@ -57,9 +61,9 @@ class MonitorUserConfig(BaseModel):
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=16)
 class Monitor:
-    def __init__(self, stages: dict[str, DeploymentHandle]) -> None:
-        self.tokenizer = stages["Tokenizer"]
-        self.encoder = stages["Encoder"]
+    def __init__(self, spec: dict[str, Any], groups: dict[str, DeploymentHandle]) -> None:
+        self.route = Layout(PipelineSpec.model_validate(spec)).route(EMBEDDING)
+        self.groups = groups
         settings = get_settings()
         replica = serve.get_replica_context().replica_id.unique_id
         key = settings.prediction_log_key
@@ -150,8 +154,9 @@ class Monitor:
                 self.current = pin
                 continue
             texts = [text for _, text, _ in chunk]
-            tokens = self.tokenizer.remote(text_batch(texts), pin=pin)
-            output: StageOutput = await self.encoder.remote(tokens, pin=pin)
+            pins = {"Tokenizer": pin, "Encoder": pin}
+            calls = start_route(self.groups, self.route, text_batch(texts), pins)
+            output = await finish_route(calls, self.route, EMBED_TIMEOUT_S)
             window = self.windows.get(pin)
             if window is None:
                 window = self.windows[pin] = DriftWindow(profile, self.knobs.drift.window_size)

@@ -1,17 +1,22 @@
-"""The one generic Serve deployment that wraps any plain model class (DESIGN contract 1).
+"""The one generic Serve deployment that wraps plain model classes: a stage group (DESIGN 1, 4).
 
-Each replica builds the class once, gathers concurrent calls with ``@serve.batch`` into one
-``dict[str, np.ndarray]`` batch, runs the class in a worker thread (never on the event loop) and
-hands each caller its rows back. Outputs travel as :class:`StageOutput`, which carries the model
-versions that produced them so the gateway can name every version in its answer.
+A group is one or more stages of the pipeline spec that share a replica (``groups:`` in the spec;
+one stage per group when it names none). Each replica builds every stage class of its group once,
+gathers concurrent calls with ``@serve.batch`` into one ``dict[str, np.ndarray]`` batch, runs the
+group's stages one after another on it in one worker thread (never on the event loop; no Ray hop
+between them, see :class:`servecore.graph.StageChain`) and hands each caller its rows back. A call
+names the stages to run and the columns to return (a route of :class:`servecore.graph.Layout`),
+so the embeddings route runs only the tokenizer and encoder of a group that holds them all.
+Outputs travel as :class:`StageOutput`, which carries the model versions that produced them so
+the gateway can name every version in its answer.
 
 Model versions: a stage with a registry model serves any *pinned* version of it
-(``models:/name/3``, see :mod:`servecore.releases`) that the caller names with ``pin=``, keeping the
+(``models:/name/3``, see :mod:`servecore.releases`) that the caller names in ``pins``, keeping the
 most recently used few loaded (:class:`LoadedVersions`), so the release the gateway switched away
 from stays warm for a rollback and an A/B challenger sits beside the champion. A replica also polls
-its alias and loads a new version in the background as soon as the alias moves, so that by the time
-the gateway switches releases every replica has it ready. Calls without a pin use the version the
-replica started with.
+each stage's alias and loads a new version in the background as soon as the alias moves, so that by
+the time the gateway switches releases every replica has it ready. Calls without a pin use the
+version the replica started with.
 
 Live knobs come through ``user_config`` (:class:`StageUserConfig`) and apply without a restart.
 """
@@ -22,16 +27,21 @@ import asyncio
 import collections
 import logging
 import sys
+import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from servecore.batching import Batch, concat_batches, num_rows, split_batch
+from servecore.graph import Abandoned, Hop, Layout, StageChain
 from servecore.registry import ModelRef, parse_model_uri
 from servecore.releases import pinned_uri, poll_ticks
+from servecore.spec import GroupPlan, StagePlan
 from servecore.stages import build_stage
 from servecore.telemetry import metric
 
@@ -136,31 +146,20 @@ class LoadedVersions:
             self.put(key, done.result())
 
 
-@serve.deployment(max_ongoing_requests=64)
-class Stage:
-    """Serve wrapper: ``Stage.options(name="Encoder").bind("deployments.encoder:Encoder", {...})``.
+class StageModels:
+    """One stage of a group inside a replica: its default model, pinned versions, alias watcher."""
 
-    ``output_prefix`` renames output columns (``probs`` → ``linear.probs``) so several members can
-    feed one ensemble; Ray Data's batch pipeline applies the same renaming.
-    """
-
-    def __init__(
-        self,
-        stage_class: str,
-        init_kwargs: dict[str, Any] | None = None,
-        output_prefix: str = "",
-    ) -> None:
-        self.stage_class = stage_class
-        self.init_kwargs = dict(init_kwargs or {})
-        self.output_prefix = output_prefix
-        self.name = serve.get_replica_context().deployment
+    def __init__(self, plan: StagePlan, user_config: StageUserConfig) -> None:
+        self.plan = plan
+        self.name = plan.deployment
+        self.stage_class = plan.stage_class
+        self.init_kwargs = dict(plan.init_kwargs)
         self.model_uri: str | None = self.init_kwargs.get("model_uri")
-        self.user_config = StageUserConfig()
-        self.versions = LoadedVersions(self.user_config.max_loaded_versions)
+        self.user_config = user_config
+        self.versions = LoadedVersions(user_config.max_loaded_versions)
         self.default = self._build(self.init_kwargs)
         self.default_key = self._key_of(self.default)
         self.versions.put(self.default_key, self.default)
-        self._recent_batches: collections.deque[tuple[int, int]] = collections.deque(maxlen=512)
         self._watcher: asyncio.Task[None] | None = None
         self.last_poll_error: str | None = None
 
@@ -201,13 +200,9 @@ class Stage:
             return self.default  # a stage built from a folder has no versions to pin
         return await self.versions.get(pin, lambda: self._load(pin))
 
-    # reconfigure/describe/batch_stats are async so they run on the replica's event loop, like
-    # the batches whose state they read or change (Serve runs sync methods in a thread pool).
-    async def reconfigure(self, config: dict[str, Any]) -> None:
-        self.user_config = StageUserConfig.model_validate(config or {})
-        self._run_batch.set_max_batch_size(self.user_config.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.user_config.batch_wait_timeout_s)
-        self.versions.resize(self.user_config.max_loaded_versions)
+    def configure(self, user_config: StageUserConfig) -> None:
+        self.user_config = user_config
+        self.versions.resize(user_config.max_loaded_versions)
         if self._watcher is None and self.model_uri and parse_model_uri(self.model_uri)[1]:
             self._watcher = asyncio.create_task(self._watch_alias())
 
@@ -229,57 +224,194 @@ class Stage:
                 self.last_poll_error = f"{type(e).__name__}: {e}"
                 logger.warning("stage %s: alias poll failed: %s", self.name, e)
 
-    async def __call__(self, *inputs: StageOutput | Batch, pin: str | None = None) -> StageOutput:
-        merged = merge_inputs(inputs)
-        batch, info = await self._run_batch((merged.batch, pin))
-        models = dict(merged.models)
-        if info is not None:
-            models[self.name] = info
-        return StageOutput(batch=batch, models=models)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _run_batch(
-        self, calls: list[tuple[Batch, str | None]]
-    ) -> list[tuple[Batch, dict[str, Any] | None]]:
-        results: list[tuple[Batch, dict[str, Any] | None] | None] = [None] * len(calls)
-        # Calls pinned to different versions (during a swap, or an A/B test) run as one batch
-        # per version.
-        groups: dict[str | None, list[int]] = {}
-        for i, (_, pin) in enumerate(calls):
-            groups.setdefault(pin or None, []).append(i)
-        for pin, members in groups.items():
-            loaded = await self.model_for(pin)
-            batches = [calls[i][0] for i in members]
-            sizes = [num_rows(b) for b in batches]
-            self._recent_batches.append((len(batches), sum(sizes)))
-            started = time.perf_counter()
-            output = await asyncio.to_thread(loaded.model, concat_batches(batches))
-            self._observe(loaded, sum(sizes), time.perf_counter() - started)
-            if self.output_prefix:
-                output = {f"{self.output_prefix}{k}": v for k, v in output.items()}
-            for i, part in zip(members, split_batch(output, sizes), strict=True):
-                results[i] = (part, loaded.info)
-        return [r for r in results if r is not None]
-
-    def _observe(self, loaded: LoadedModel, rows: int, seconds: float) -> None:
-        info = loaded.info or {}
-        tags = {
-            "stage": self.name,
-            "model": str(info.get("name", "local")),
-            "version": str(info.get("version", "local")),
-        }
-        metric("intent_inference_latency_ms").observe(seconds * 1000.0, tags=tags)
-        metric("intent_batch_size").observe(rows, tags={"stage": self.name})
-
-    async def describe(self) -> dict[str, Any]:
-        """What this replica serves: its stage class, model version and live batching knobs."""
+    def describe(self) -> dict[str, Any]:
         return {
             "stage": self.name,
-            "replica": serve.get_replica_context().replica_id.unique_id,
             "class": self.stage_class,
             "model": self.default.info,
             "loaded_versions": self.versions.keys(),
             "last_poll_error": self.last_poll_error,
+        }
+
+
+class Interest:
+    """Whether a caller still waits for its rows: read by the chain's thread between stages and
+    awaited by the batch on the event loop."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.left = asyncio.Event()
+
+    def leave(self) -> None:
+        self.gone.set()
+        self.left.set()
+
+
+Call = tuple[Batch, tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...] | None, Interest]
+"""One caller's share of a group batch: rows, pins, stages to run, columns to return, and whether
+the caller still wants them."""
+
+
+async def _all_left(interests: Sequence[Interest]) -> None:
+    for interest in interests:
+        await interest.left.wait()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Done-callback of work nobody awaits any more: its outcome is read so that asyncio does not
+    log it as lost; an :class:`Abandoned` chain is the expected one."""
+    if not future.cancelled() and future.exception() is not None:
+        error = future.exception()
+        if not isinstance(error, Abandoned):
+            logger.warning("abandoned stage work failed: %r", error)
+
+
+CONCURRENT_BATCHES = 2
+"""Batches one replica runs at once. The second lets a short call (a fallback member, the
+embeddings route) run while a long one is in a slow stage of the same group, and overlaps one
+batch's Python work with the other's torch computation."""
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Stage:
+    """Serve wrapper of one stage group: ``Stage.options(name="Pipeline").bind(group_plan)``.
+
+    Each stage's outputs are renamed with its ``output_prefix`` (``probs`` → ``linear.probs``) so
+    several members can feed one ensemble; Ray Data's batch pipeline applies the same renaming.
+    """
+
+    def __init__(self, group: GroupPlan) -> None:
+        self.group = group
+        self.name = serve.get_replica_context().deployment
+        self.user_config = StageUserConfig()
+        self.stages = {
+            plan.deployment: StageModels(plan, self.user_config) for plan in group.stages
+        }
+        self.chain = StageChain(group.stages)
+        self.all_stages = group.stage_names
+        self._recent_batches: collections.deque[tuple[int, int]] = collections.deque(maxlen=512)
+
+    # reconfigure/describe/batch_stats are async so they run on the replica's event loop, like
+    # the batches whose state they read or change (Serve runs sync methods in a thread pool).
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        self.user_config = StageUserConfig.model_validate(config or {})
+        self._run_batch.set_max_batch_size(self.user_config.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.user_config.batch_wait_timeout_s)
+        for stage in self.stages.values():
+            stage.configure(self.user_config)
+
+    async def __call__(
+        self,
+        *inputs: StageOutput | Batch,
+        pins: dict[str, str] | None = None,
+        stages: Sequence[str] | None = None,
+        exports: Sequence[str] | None = None,
+    ) -> StageOutput:
+        """Run ``stages`` (default: the whole group) on the merged inputs; return ``exports``
+        (default: every column the stages add), with the versions that computed them."""
+        merged = merge_inputs(inputs)
+        run = self.all_stages if stages is None else tuple(stages)
+        pinned = tuple(sorted((pins or {}).items()))
+        wanted = None if exports is None else tuple(exports)
+        interest = Interest()
+        try:
+            batch, infos = await self._run_batch((merged.batch, pinned, run, wanted, interest))
+        except asyncio.CancelledError:
+            interest.leave()  # the caller went away: see _run_chain
+            raise
+        models = dict(merged.models)
+        models.update(infos)
+        return StageOutput(batch=batch, models=models)
+
+    @serve.batch(
+        max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES
+    )
+    async def _run_batch(self, calls: list[Call]) -> list[tuple[Batch, dict[str, Any]]]:
+        results: list[tuple[Batch, dict[str, Any]] | None] = [None] * len(calls)
+        # Calls pinned to different versions (during a swap, or an A/B test) or asking for
+        # different stages run as one batch per kind.
+        kinds: dict[tuple[Any, ...], list[int]] = {}
+        for i, (_, pins, run, wanted, _interest) in enumerate(calls):
+            kinds.setdefault((pins, run, wanted), []).append(i)
+        for (pins, run, wanted), members in kinds.items():
+            pin_of = dict(pins)
+            loaded = {name: await self.stages[name].model_for(pin_of.get(name)) for name in run}
+            batches = [calls[i][0] for i in members]
+            sizes = [num_rows(b) for b in batches]
+            self._recent_batches.append((len(batches), sum(sizes)))
+            timings: list[tuple[str, int, float]] = []
+            interests = [calls[i][4] for i in members]
+            output = await self._run_chain(
+                interests,
+                concat_batches(batches),
+                run,
+                {name: entry.model for name, entry in loaded.items()},
+                wanted,
+                timings,
+            )
+            if output is None:
+                for i in members:
+                    results[i] = ({}, {})  # nobody reads it: every caller has gone
+                continue
+            for stage, rows, seconds in timings:
+                self._observe(stage, loaded[stage], rows, seconds)
+            infos = {name: entry.info for name, entry in loaded.items() if entry.info is not None}
+            for i, part in zip(members, split_batch(output, sizes), strict=True):
+                results[i] = (part, infos)
+        return [r for r in results if r is not None]
+
+    async def _run_chain(
+        self, interests: Sequence[Interest], batch: Batch, *args: Any
+    ) -> Batch | None:
+        """The chain's output, computed in a worker thread; None once every caller has gone.
+
+        Abandoned work gives its batch slot back at once, so the next batch (a fallback, say)
+        does not wait behind it; the thread finishes the stage it is in and runs no more
+        (Python cannot stop a thread inside a stage).
+        """
+        work = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.chain,
+                batch,
+                *args,
+                lambda: all(interest.gone.is_set() for interest in interests),
+            )
+        )
+        everyone_left = asyncio.ensure_future(_all_left(interests))
+        try:
+            await asyncio.wait({work, everyone_left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            everyone_left.cancel()
+        if work.done() and not (work.exception() and isinstance(work.exception(), Abandoned)):
+            return work.result()
+        work.add_done_callback(_retrieve)
+        logger.info("stage group %s: every caller went away; the batch is dropped", self.name)
+        return None
+
+    @staticmethod
+    def _observe(stage: str, loaded: LoadedModel, rows: int, seconds: float) -> None:
+        info = loaded.info or {}
+        tags = {
+            "stage": stage,
+            "model": str(info.get("name", "local")),
+            "version": str(info.get("version", "local")),
+        }
+        metric("intent_inference_latency_ms").observe(seconds * 1000.0, tags=tags)
+        metric("intent_batch_size").observe(rows, tags={"stage": stage})
+
+    async def describe(self) -> dict[str, Any]:
+        """What this replica serves: its stages (class, model version, loaded versions) and the
+        live batching knobs."""
+        stages = [stage.describe() for stage in self.stages.values()]
+        return {
+            "group": self.name,
+            "stage": self.name,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "stages": stages,
+            "model": stages[0]["model"] if len(stages) == 1 else None,
+            "last_poll_error": next(
+                (s["last_poll_error"] for s in stages if s["last_poll_error"]), None
+            ),
             "batching": self.user_config.model_dump(
                 include={"max_batch_size", "batch_wait_timeout_s"}
             ),
@@ -302,3 +434,49 @@ class Stage:
             "mean_calls_per_batch": sum(calls) / len(calls) if calls else 0.0,
             "mean_rows_per_batch": sum(rows) / len(rows) if rows else 0.0,
         }
+
+
+def start_route(
+    handles: Mapping[str, DeploymentHandle],
+    route: Sequence[Hop],
+    texts: Batch,
+    pins: Mapping[str, str],
+) -> list[DeploymentResponse]:
+    """Start every group call of ``route`` at once: each is handed its upstream calls' responses
+    unawaited (Serve resolves them), so no result passes through the caller on the way."""
+    calls: list[DeploymentResponse] = []
+    for hop in route:
+        args: list[Any] = [calls[i] for i in hop.after]
+        if hop.reads_text:
+            args.append(texts)
+        calls.append(
+            handles[hop.group].remote(
+                *args,
+                pins={stage: pins[stage] for stage in hop.stages if stage in pins},
+                stages=hop.stages,
+                exports=hop.exports,
+            )
+        )
+    return calls
+
+
+async def finish_route(
+    calls: Sequence[DeploymentResponse], route: Sequence[Hop], timeout_s: float
+) -> StageOutput:
+    """The route's answer within ``timeout_s``: its last hops' outputs, merged.
+
+    A route that times out, fails or is cancelled (its callers went away) cancels every group call
+    it started, not only those it awaits: a call still waiting for an upstream result that was
+    lost with its replica would otherwise stay queued, or keep being re-routed by Serve, for nobody.
+    """
+    sinks = [calls[i] for i in Layout.sinks(route)]
+    try:
+        if len(sinks) == 1:
+            output: StageOutput = await asyncio.wait_for(sinks[0], timeout_s)
+            return output
+        outputs = await asyncio.wait_for(asyncio.gather(*sinks), timeout_s)
+    except BaseException:
+        for call in calls:
+            call.cancel()
+        raise
+    return merge_inputs(tuple(outputs))

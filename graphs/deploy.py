@@ -16,6 +16,25 @@ import httpx
 
 from servecore.config_check import load_config
 
+HAPROXY_PORT_VARIABLES = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+"""Fixed ports of Serve's HAProxy ingress (9101, 8404, 8500, 9500 by default) besides the HTTP
+port: two clusters on one machine (a test session and a benchmark, say) would fight over them."""
+
+
+def haproxy_env(free_port: Callable[[], int]) -> dict[str, str]:
+    """Environment for a private Ray cluster that serves HTTP through HAProxy: the switch, and
+    every fixed port moved to a free one. It must be in the environment of the process that
+    starts Ray (every Serve process reads it when it imports Serve)."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        **{name: str(free_port()) for name in HAPROXY_PORT_VARIABLES},
+    }
+
 
 def start_serve(config: dict[str, Any], http_port: int | None = None) -> None:
     """Start Serve on the connected Ray cluster with the config's HTTP options."""

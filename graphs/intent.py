@@ -1,6 +1,10 @@
 """The intent-routing application: gateway → tokenizer → encoder → heads ⇉ ensemble, plus a
-bag-of-words model on the raw text in parallel, the job runner that serves ``/v1/jobs`` and the
-monitor that keeps the prediction log and the drift window.
+bag-of-words model on the raw text, the job runner that serves ``/v1/jobs`` and the monitor that
+keeps the prediction log and the drift window.
+
+The stages run in the spec's groups (``groups:``): one Serve deployment per group, named after it,
+whose replicas run the group's plain classes in process; without groups every stage is a
+deployment of its own.
 
 ``serve_config.yaml`` names ``graphs.intent:build_app`` with the pipeline spec as ``args``.
 Resources and live knobs of each deployment are set in the config's ``deployments`` section; the
@@ -17,24 +21,28 @@ from deployments.gateway import Gateway, GatewayUserConfig
 from deployments.job_runner import JobRunnerUserConfig, job_runner_deployment
 from deployments.monitor import Monitor, MonitorUserConfig
 from deployments.stage import Stage, StageUserConfig
+from servecore.graph import EMBEDDING, Layout
 from servecore.settings import get_settings
 from servecore.spec import PipelineSpec
 
 
 def build_app(args: PipelineSpec) -> Application:
-    stages = {}
-    for plan in args.stage_plans():
-        cpus = 1 if plan.deployment == "Encoder" else 0  # the same placement as serve_config.yaml
-        stages[plan.deployment] = Stage.options(
-            name=plan.deployment, ray_actor_options={"num_cpus": cpus, "num_gpus": 0}
-        ).bind(plan.stage_class, plan.init_kwargs, plan.output_prefix)
+    groups = {}
+    for group in args.group_plans():
+        # The encoder's group takes a CPU (torch gets one thread per granted CPU); the same
+        # placement as serve_config.yaml, whose ray_actor_options replace these.
+        cpus = 1 if "Encoder" in group.stage_names else 0
+        groups[group.name] = Stage.options(
+            name=group.name, ray_actor_options={"num_cpus": cpus, "num_gpus": 0}
+        ).bind(group)
     runner = job_runner_deployment(get_settings()).options(
         ray_actor_options={"num_cpus": 0, "num_gpus": 0}
     )
     monitor = Monitor.options(name="Monitor", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
-    embedder = {name: stages[name] for name in ("Tokenizer", "Encoder")}
+    spec = args.model_dump()
+    embedder = {hop.group: groups[hop.group] for hop in Layout(args).route(EMBEDDING)}
     gateway = Gateway.options(name="Gateway", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
-    return gateway.bind(args.model_dump(), stages, runner.bind(), monitor.bind(embedder))
+    return gateway.bind(spec, groups, runner.bind(), monitor.bind(spec, embedder))
 
 
 def user_config_schema(deployment: str) -> type[BaseModel]:

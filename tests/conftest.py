@@ -27,7 +27,9 @@ from servecore.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemble"]
-"""Deployments of the shipped pipeline spec, in stage order."""
+"""Stages of the shipped pipeline spec, in stage order."""
+PIPELINE_GROUP = "Pipeline"
+"""The shipped config's one stage group: its deployment (and Ray Data pool) runs every stage."""
 SHIPPED_APP = "intent"
 SHIPPED_APP_MODULES = ("test_serve_http", "test_lifecycle", "test_jobs")
 """Modules that share the shipped app, in the order they run. ``test_serve_http`` comes first: its
@@ -95,10 +97,13 @@ def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterato
     import ray
     from ray import serve
 
-    from graphs.deploy import start_serve
+    from graphs.deploy import haproxy_env, start_serve
     from servecore.config_check import load_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # HTTP through HAProxy, as `make serve` runs it (set before Ray starts: every Serve process
+    # reads it at import), with its fixed side ports moved to free ones.
+    os.environ.update(haproxy_env(free_port))
     metrics_port = free_port()
     ray.init(
         address="local",
@@ -191,9 +196,13 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     )
     if leaving and SHIPPED_APP in _deployed:
         from ray import serve
+        from ray.serve.exceptions import RayServeException
 
         _deployed.discard(SHIPPED_APP)
-        serve.delete(SHIPPED_APP)
+        try:
+            serve.delete(SHIPPED_APP)
+        except RayServeException:
+            pass  # the session ended with these modules: Serve is already shut down
     return result
 
 

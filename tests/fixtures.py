@@ -115,32 +115,37 @@ def fake_graph(
     stage_options: dict[str, dict] | None = None,
     version: str | None = None,
 ) -> Any:
-    """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application.
+    """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application,
+    one deployment per stage group of ``spec`` (per stage when it has no groups).
 
-    ``overrides`` replaces stages by deployment name; stages in neither (the ensemble, extra
+    ``overrides`` replaces stages by stage name; stages in neither (the ensemble, extra
     members) run their real class from the spec. Every replica asks for no CPU.
     ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer);
-    ``stage_options`` more ``Stage.options`` per deployment name (replicas, health checks);
+    ``stage_options`` more ``Stage.options`` per group name (replicas, health checks);
     a ``ray_actor_options`` in either is merged over ``actor_options``.
     With a ``version``, running the graph again with only a new ``gateway_config`` is a live
     update of the gateway rather than a restart of every replica: ``serve.run`` gives every
     deployment a random version unless one is set, and the public option is gone, so this
     sets the internal one (tests only).
     """
+    from dataclasses import replace
+
     from deployments.gateway import Gateway
     from deployments.stage import Stage
+    from servecore.spec import GroupPlan
 
     options = actor_options or {"num_cpus": 0, "num_gpus": 0}
     chosen = {**FAKE_STAGES, **(overrides or {})}
     stages = {}
-    for plan in spec.stage_plans():
-        stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
-        more = dict((stage_options or {}).get(plan.deployment, {}))
+    for group in spec.group_plans():
+        plans = []
+        for plan in group.stages:
+            stage_class, kwargs = chosen.get(plan.deployment, (plan.stage_class, plan.init_kwargs))
+            plans.append(replace(plan, stage_class=stage_class, init_kwargs=kwargs))
+        more = dict((stage_options or {}).get(group.name, {}))
         actor = {**options, **more.pop("ray_actor_options", {})}
-        stage = Stage.options(name=plan.deployment, ray_actor_options=actor, **more)
-        stages[plan.deployment] = _pinned(stage, version).bind(
-            stage_class, kwargs, plan.output_prefix
-        )
+        stage = Stage.options(name=group.name, ray_actor_options=actor, **more)
+        stages[group.name] = _pinned(stage, version).bind(GroupPlan(group.name, tuple(plans)))
     gateway_more = dict(gateway_options or {})
     gateway = Gateway.options(
         name="Gateway",

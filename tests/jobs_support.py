@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import PIPELINE_GROUP, ROOT
 
 SECRET = "test-webhook-secret"
 
@@ -48,9 +48,9 @@ FAST_RUNNER = {
 
 def jobs_config(path: Path, gateway: dict[str, Any] | None = None) -> Path:
     """The shipped config with fast runner knobs, for an app whose replicas already have the job
-    settings (the session sets them before Ray starts). Only ``user_config`` and the encoder's
-    ``max_replicas`` differ from the shipped file, so applying it to the running app reconfigures
-    replicas without a restart."""
+    settings (the session sets them before Ray starts). Only ``user_config`` and the pipeline
+    group's ``max_replicas`` differ from the shipped file, so applying it to the running app
+    reconfigures replicas without a restart."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     for deployment in app["deployments"]:
@@ -61,8 +61,8 @@ def jobs_config(path: Path, gateway: dict[str, Any] | None = None) -> Path:
             deployment["user_config"].update(FAST_RUNNER)
         if deployment["name"] == "Gateway":
             deployment["user_config"].update(gateway or {})
-        if deployment["name"] == "Encoder":
-            # One encoder replica (one CPU): the other CPU stays free for dataset jobs' Ray Data.
+        if deployment["name"] == PIPELINE_GROUP:
+            # One pipeline replica (one CPU): the other CPU stays free for dataset jobs' Ray Data.
             deployment["autoscaling_config"].update(max_replicas=1)
     path.write_text(yaml.safe_dump(config))
     return path

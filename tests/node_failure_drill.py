@@ -238,7 +238,7 @@ def deployment_names() -> list[str]:
     from servecore.config_check import load_app_spec
 
     spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
-    return ["Gateway", *(plan.deployment for plan in spec.stage_plans())]
+    return ["Gateway", *(group.name for group in spec.group_plans())]
 
 
 def node_resources(deployments: Sequence[str], per_deployment: int) -> dict[str, float]:
@@ -263,7 +263,7 @@ def build_graph() -> Any:
         spec,
         gateway_config={"cache": {"enabled": False}},
         gateway_options=options("Gateway"),
-        stage_options={plan.deployment: options(plan.deployment) for plan in spec.stage_plans()},
+        stage_options={group.name: options(group.name) for group in spec.group_plans()},
     )
 
 
@@ -301,9 +301,13 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from cluster.local import node_args
+    from graphs.deploy import haproxy_env
 
     report: dict[str, Any] = {"ok": False}
     deployments = deployment_names()
+    # HAProxy as shipped, on ports of its own: the test session that started this process runs
+    # a cluster of its own with HAProxy on the ports in the inherited environment.
+    os.environ.update(haproxy_env(free_port))
     cluster = Cluster()
     load: Load | None = None
     try:

@@ -59,13 +59,52 @@ def _deployments() -> dict:
 # --- plain functions -----------------------------------------------------------------------------
 
 
-def test_stages_follow_the_spec_and_the_deployments_section():
+def test_the_shipped_grouping_is_one_stage_running_every_class():
     spec = load_spec(CONFIG)
     stages = plan_stages(spec, _deployments(), overrides={"BagOfWords": {"batch_size": 32}})
-    assert [s.plan for s in stages] == spec.stage_plans()
+    assert [s.name for s in stages] == ["Pipeline"]
+    (pipeline,) = stages
+    assert [p.deployment for p in pipeline.plans] == [p.deployment for p in spec.stage_plans()]
+    resources = pipeline.resources
+    assert (resources.num_cpus, resources.min_actors, resources.max_actors) == (1.0, 1, 2)
+    # An override by stage name lands on the group that holds the stage.
+    assert resources.batch_size == 32
+    assert pipeline.reads == ("text",)
+    assert pipeline.last and set(pipeline.keeps) == {"id", "model_versions"}
+    assert pipeline.constructor_kwargs()["group"] == spec.group_plans()[0]
+    encoder = plan_stages(spec, _deployments(), overrides={"Encoder": {"max_actors": 3}})
+    assert encoder[0].resources.max_actors == 3
+    with pytest.raises(ValueError, match="no stage named"):
+        plan_stages(spec, _deployments(), overrides={"Encodr": {"num_cpus": 1}})
+    with pytest.raises(ValueError, match="unknown stage option"):
+        plan_stages(spec, _deployments(), overrides={"Encoder": {"num_cpu": 1}})
+
+
+def test_the_gpu_grouping_hands_columns_between_groups():
+    gpu = ROOT / "serve_config.gpu.yaml"
+    deployments = {d["name"]: d for d in find_app(load_config(gpu), "intent")["deployments"]}
+    stages = {s.name: s for s in plan_stages(load_spec(gpu), deployments)}
+    assert list(stages) == ["Preprocess", "Encoder", "Postprocess"]
+    assert stages["Preprocess"].reads == ("text",)
+    assert {"input_ids", "attention_mask", "bow.probs"} <= set(stages["Preprocess"].keeps)
+    assert stages["Encoder"].reads == ("input_ids", "attention_mask")
+    assert stages["Encoder"].resources.num_gpus == 0.25
+    assert set(stages["Encoder"].keeps) == {"id", "model_versions", "embedding", "bow.probs"}
+    assert stages["Postprocess"].reads == ("embedding", "bow.probs")
+    assert stages["Postprocess"].last
+
+
+def test_the_fully_split_graph_is_one_stage_per_class():
+    spec = load_spec(CONFIG).model_copy(update={"groups": None})
+    deployments = {
+        "Encoder": {"ray_actor_options": {"num_cpus": 1}, "num_replicas": 2},
+        "Tokenizer": {"ray_actor_options": {"num_cpus": 0}},
+    }
+    stages = plan_stages(spec, deployments, overrides={"BagOfWords": {"batch_size": 32}})
+    assert [s.plans for s in stages] == [(p,) for p in spec.stage_plans()]
     by_name = {s.name: s for s in stages}
     encoder = by_name["Encoder"].resources
-    assert (encoder.num_cpus, encoder.min_actors, encoder.max_actors) == (1.0, 1, 2)
+    assert (encoder.num_cpus, encoder.min_actors, encoder.max_actors) == (1.0, 2, 2)
     assert encoder.batch_size == 64
     assert by_name["Tokenizer"].resources.num_cpus == 0.25  # Serve's 0, raised to the floor
     assert by_name["BagOfWords"].resources.batch_size == 32
@@ -77,19 +116,16 @@ def test_stages_follow_the_spec_and_the_deployments_section():
     assert "embedding" not in by_name["MLPHead"].keeps
     assert by_name["Ensemble"].reads == ("linear.probs", "mlp.probs", "bow.probs")
     assert by_name["Ensemble"].last and set(by_name["Ensemble"].keeps) == {"id", "model_versions"}
-    kwargs = by_name["MLPHead"].constructor_kwargs()
-    assert kwargs["stage_class"] == "deployments.heads:ClassifierHead"
-    assert kwargs["init_kwargs"]["model_uri"] == "models:/intent-head-mlp@champion"
-    assert kwargs["output_prefix"] == "mlp."
-    with pytest.raises(ValueError, match="no stage named"):
-        plan_stages(spec, _deployments(), overrides={"Encodr": {"num_cpus": 1}})
-    with pytest.raises(ValueError, match="unknown stage option"):
-        plan_stages(spec, _deployments(), overrides={"Encoder": {"num_cpu": 1}})
+    (mlp,) = by_name["MLPHead"].constructor_kwargs()["group"].stages
+    assert mlp.stage_class == "deployments.heads:ClassifierHead"
+    assert mlp.init_kwargs["model_uri"] == "models:/intent-head-mlp@champion"
+    assert mlp.output_prefix == "mlp."
 
 
 def test_fitting_leaves_room_for_ray_datas_own_tasks_and_drops_missing_gpus():
     spec = load_spec(CONFIG)
     stages = plan_stages(spec, _deployments(), overrides={"Encoder": {"num_gpus": 0.25}})
+    stages += plan_stages(spec.model_copy(update={"groups": None}), {})
     fitted, notes = fit_to_cluster(stages, free_cpus=2.0, free_gpus=0.0)
     demand = sum(s.resources.cpu_demand for s in fitted)
     assert demand <= 2.0 - RESERVED_CPUS

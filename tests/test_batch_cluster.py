@@ -25,7 +25,7 @@ import pytest
 from batch.adapter import probability_column
 from servecore import LABELS
 from servecore.dataset import dataset_path
-from tests.conftest import ROOT, STAGES
+from tests.conftest import PIPELINE_GROUP, ROOT
 
 CONFIG = ROOT / "serve_config.yaml"
 
@@ -51,6 +51,22 @@ def assert_complete(output: Path, ids: list[str]) -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
+def assert_same_scores_as_one_process(output: Path, ids: list[str]) -> None:
+    """The two-node job's labels and probabilities are the single-process pipeline's (the same
+    classes chained in this process), row by row."""
+    from bench.pipeline import InProcessPipeline, load_spec
+
+    with open(dataset_path(), newline="") as f:
+        texts = [r["text"] for r in csv.DictReader(f) if r["split"] == "test"]
+    local = InProcessPipeline(load_spec(CONFIG))(texts)
+    table = pds.dataset(output / "predictions").to_table().to_pandas().set_index("id")
+    for copy in range(len(ids) // len(texts)):
+        rows = table.loc[[f"r{copy}-{i}" for i in range(len(texts))]]
+        assert list(rows["label"]) == list(local["label"])
+        probs = rows[[probability_column(label) for label in LABELS]].to_numpy()
+        np.testing.assert_allclose(probs, local["probs"], atol=1e-5)
+
+
 def test_stage_actors_spread_over_two_nodes_and_every_row_is_scored(registry, tmp_path):
     ids = write_input(tmp_path / "input.parquet", copies=2)
     # Ray rewrites a 127.0.0.1 address to the machine's own IP unless told that this "cluster" is
@@ -68,13 +84,14 @@ def test_stage_actors_spread_over_two_nodes_and_every_row_is_scored(registry, tm
         started: dict[str, Any] = json.loads(cluster.stdout.readline() or "{}")
         assert len(started.get("nodes", [])) == 2, "the local cluster did not come up"
         out = tmp_path / "out"
-        # Two encoders at one CPU each plus five light stages need 3.25 CPUs: more than one
-        # two-CPU node has, so the pools must use both nodes.
+        # Two pipeline actors at 1.5 CPUs each need 3 CPUs: more than one two-CPU node has, so
+        # the pool must use both nodes.
         job = subprocess.run(
             [
                 *(sys.executable, "-m", "batch", "run", "--address", started["address"]),
                 *("--config", str(CONFIG), "--input", str(tmp_path / "input.parquet")),
-                *("--output", str(out), "--encoder-actors", "2", "--no-progress"),
+                *("--output", str(out), "--encoder-actors", "2", "--encoder-cpus", "1.5"),
+                "--no-progress",
             ],
             cwd=ROOT,
             env=env,
@@ -94,9 +111,10 @@ def test_stage_actors_spread_over_two_nodes_and_every_row_is_scored(registry, tm
 
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows_in"], summary["rows_scored"]) == (len(ids), len(ids))
-    assert list(summary["stage_actors"]) == STAGES
-    assert summary["stage_actors"]["Encoder"]["actors"] == 2
+    assert list(summary["stage_actors"]) == [PIPELINE_GROUP]
+    assert summary["stage_actors"][PIPELINE_GROUP]["actors"] == 2
     used = {node for actors in summary["stage_actors"].values() for node in actors["nodes"]}
     assert used == set(started["nodes"])
     assert summary["nodes_used"] == 2
     assert_complete(out, ids)
+    assert_same_scores_as_one_process(out, ids)

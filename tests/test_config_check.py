@@ -42,14 +42,14 @@ def _deployment(config, name):
 def test_misspelled_keys_at_every_level_are_named(tmp_path):
     def edit(config):
         config["http_options"]["prot"] = 1
-        encoder = _deployment(config, "Encoder")
+        encoder = _deployment(config, "Pipeline")
         encoder["num_replica"] = 1
         encoder["ray_actor_options"]["num_gpu"] = 1
         encoder["autoscaling_config"]["max_replica"] = 3
 
     problems = _variant(tmp_path, edit)
     assert "http_options.prot: unknown key (did you mean 'port'?)" in problems
-    where = "applications[intent].deployments[Encoder]"
+    where = "applications[intent].deployments[Pipeline]"
     assert f"{where}.num_replica: unknown key (did you mean 'num_replicas'?)" in problems
     assert f"{where}.ray_actor_options.num_gpu: unknown key (did you mean 'num_gpus'?)" in problems
     assert (
@@ -76,23 +76,88 @@ def test_args_are_validated_against_the_pipeline_spec(tmp_path):
 
 def test_deployment_rules(tmp_path):
     def edit(config):
-        encoder = _deployment(config, "Encoder")
+        encoder = _deployment(config, "Pipeline")
         encoder["max_ongoing_requests"] = 4
         encoder["user_config"]["max_batch_sizee"] = 8
-        del _deployment(config, "Tokenizer")["ray_actor_options"]["num_gpus"]
+        del _deployment(config, "Monitor")["ray_actor_options"]["num_gpus"]
         config["applications"][0]["deployments"].append(
-            {"name": "Encodr", "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+            {"name": "Encoder", "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
         )
 
     problems = _variant(tmp_path, edit)
     app = "applications[intent].deployments"
-    assert f"{app}[Encoder].user_config.max_batch_sizee: Extra inputs are not permitted" in problems
-    assert f"{app}[Tokenizer].ray_actor_options: missing num_gpus (state it explicitly)" in problems
-    assert any(p.startswith(f"{app}[Encodr]: no such deployment") for p in problems)
+    assert f"{app}[Pipeline].user_config.max_batch_sizee: Extra inputs are not permitted" in (
+        problems
+    )
+    assert f"{app}[Monitor].ray_actor_options: missing num_gpus (state it explicitly)" in problems
+    # A stage inside a group has no deployment of its own to configure.
+    assert any(p.startswith(f"{app}[Encoder]: no such deployment") for p in problems)
     assert (
-        f"{app}[Encoder].max_ongoing_requests: 4 is below max_batch_size = 8; "
+        f"{app}[Pipeline].max_ongoing_requests: 4 is below max_batch_size = 8; "
         "batches could never fill"
     ) in problems
+
+
+def _groups(tmp_path, groups):
+    def edit(config):
+        config["applications"][0]["args"]["groups"] = groups
+
+    return _variant(tmp_path, edit)
+
+
+ALL = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemble"]
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ([{"name": "Pipeline", "stages": [*ALL, "Reranker"]}],
+         "groups name unknown stages ['Reranker']"),
+        ([{"name": "Pipeline", "stages": ALL}, {"name": "Again", "stages": ["Encoder"]}],
+         "groups: stages ['Encoder'] are in more than one group"),
+        ([{"name": "Pipeline", "stages": ALL[:-1]}],
+         "groups: stages ['Ensemble'] are in no group; every stage needs one"),
+        ([{"name": "Gateway", "stages": ALL}], "group name 'Gateway' is reserved"),
+        ([{"name": "Encoder", "stages": ALL}],
+         "group 'Encoder' has a stage's name but not just that stage"),
+        # The ensemble needs the heads, the heads the encoder, the encoder the tokenizer.
+        ([{"name": "Front", "stages": ["Tokenizer", "Ensemble", "BagOfWords"]},
+          {"name": "Back", "stages": ["Encoder", "LinearHead", "MLPHead"]}],
+         "groups: Front needs ['Back'], Back needs ['Front'] - groups cannot feed each other "
+         "both ways"),
+    ],
+)  # fmt: skip
+def test_groups_are_checked_against_the_stages(tmp_path, groups, message):
+    (problem,) = _groups(tmp_path, groups)
+    assert problem.startswith("applications[intent].args: Value error, " + message), problem
+
+
+def test_every_grouping_orders_its_groups_by_what_they_read(tmp_path):
+    spec = load_app_spec(ROOT / "serve_config.yaml", "intent")
+    assert [(g.name, g.stage_names) for g in spec.group_plans()] == [("Pipeline", tuple(ALL))]
+    split = spec.model_copy(update={"groups": None})
+    assert [(g.name, g.stage_names) for g in split.group_plans()] == [(s, (s,)) for s in ALL]
+    gpu = load_app_spec(ROOT / "serve_config.gpu.yaml", "intent")
+    assert [(g.name, g.stage_names) for g in gpu.group_plans()] == [
+        ("Preprocess", ("Tokenizer", "BagOfWords")),
+        ("Encoder", ("Encoder",)),
+        ("Postprocess", ("LinearHead", "MLPHead", "Ensemble")),
+    ]
+    # Written in any order, groups run in the order their inputs allow.
+    reordered = [
+        {"name": "Heads", "stages": ["Ensemble", "LinearHead", "MLPHead"]},
+        {"name": "Text", "stages": ["BagOfWords", "Tokenizer", "Encoder"]},
+    ]
+    # Valid; only the deployments section still configures the shipped group.
+    assert _groups(tmp_path, reordered) == [
+        "applications[intent].deployments[Pipeline]: no such deployment "
+        "(the app has ['Gateway', 'Text', 'Heads', 'JobRunner', 'Monitor'])"
+    ]
+    spec = spec.model_validate({**spec.model_dump(), "groups": reordered})
+    assert [(g.name, g.stage_names) for g in spec.group_plans()] == [
+        ("Text", ("Tokenizer", "Encoder", "BagOfWords")),
+        ("Heads", ("LinearHead", "MLPHead", "Ensemble")),
+    ]
 
 
 def test_load_app_spec_returns_the_pipeline_spec():

@@ -132,13 +132,19 @@ def test_prediction_log_hashes_by_default_and_rotates_by_count(tmp_path):
     assert all(p.name.startswith("predictions-replica_1-") for p in tmp_path.iterdir())
 
 
-def test_prediction_log_raw_keyed_omitted_disabled_and_rotated_by_age(tmp_path):
+def test_prediction_log_raw_keyed_omitted_disabled_and_rotated_by_age(tmp_path, monkeypatch):
+    from servecore import prediction_log
+
     log = PredictionLog(tmp_path / "raw", writer="w")
-    log.configure(PredictionLogConfig(text="raw", rotate_s=0.05))
+    log.configure(PredictionLogConfig(text="raw", rotate_s=60))
     log.write(sample_records(1))
     assert log.rotate() is None  # not due yet
-    time.sleep(0.06)
+    # A minute later by the log's clock (the module's ``time``, not the process's).
+    later = time.time() + 61
+    clock = type("Clock", (), {"time": staticmethod(lambda: later)})
+    monkeypatch.setattr(prediction_log, "time", clock)
     assert log.rotate() is not None
+    monkeypatch.undo()
     assert read_lines(tmp_path / "raw")[0]["text"] == "hello 0"
 
     keyed = PredictionLog(tmp_path / "keyed", writer="w", key=b"secret")

@@ -1,11 +1,13 @@
 """Failures inside the graph, injected into real Serve deployments over real HTTP (issue 7).
 
-The graph is the real gateway and the real stage wrapper around fake stage classes
-(``tests/fixtures.py``): no weights to load. One deployment serves the whole module: the linear
-head and the ensemble are :class:`~tests.fixtures.ScriptedModel` stages that read a script file
-at every call (fail, be slow, or answer), and only the gateway's knobs change between tests, an
-in-place update, so no test waits for replicas to restart. The encoder runs two replicas, for
-the replica-kill test; the proxy-timeout probe runs beside the other tests.
+The graph is the real gateway and the real stage wrapper, grouped as ``serve_config.yaml``
+groups it (every stage in one ``Pipeline`` deployment), around fake stage classes
+(``tests/fixtures.py``) except the bag-of-words model, the real registered one, so a degraded
+answer is the real backup's and names its version. One deployment serves the whole module: the
+linear head and the ensemble are :class:`~tests.fixtures.ScriptedModel` stages that read a script
+file at every call (fail, be slow, or answer), and only the gateway's knobs change between tests,
+an in-place update, so no test waits for replicas to restart. The pipeline group runs two
+replicas, for the replica-kill test; the proxy-timeout probe runs beside the other tests.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import pytest
 from servecore import LABELS
 from servecore.config_check import load_app_spec
 from servecore.experiments import FallbackConfig
-from tests.conftest import ROOT
+from tests.conftest import PIPELINE_GROUP, ROOT
 from tests.fixtures import fake_graph, write_script
 
 pytestmark = pytest.mark.serve
 
 APP = "faulty"
+BOW_URI = "models:/intent-bow@champion"
+TEXTS = ["hello", "world"]
 SCRIPTED = ("LinearHead", "Ensemble")
 
 
@@ -60,12 +64,16 @@ class Faulty:
             )
             for name in SCRIPTED
         }
+        real_bow = {
+            "BagOfWords": (plans["BagOfWords"].stage_class, plans["BagOfWords"].init_kwargs)
+        }
         knobs = {"graph_timeout_s": graph_timeout_s, "fallback": fallback or {}}
+        replicas = {"num_replicas": 2, **_shipped_health_check(PIPELINE_GROUP)}
         graph = fake_graph(
             spec,
-            scripted,
+            {**scripted, **real_bow},
             knobs,
-            stage_options={"Encoder": {"num_replicas": 2, **_shipped_health_check("Encoder")}},
+            stage_options={PIPELINE_GROUP: replicas},
             version="faults",
         )
         serve.run(graph, name=APP, route_prefix=f"/{APP}")
@@ -117,7 +125,7 @@ def answering(faulty) -> Iterator[None]:
 def _predict(base_url: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(
         f"{base_url}/v1/predict",
-        json={"texts": ["hello", "world"]},
+        json={"texts": TEXTS},
         headers={"Cache-Control": "no-cache"},
         **{"timeout": 60, **kwargs},
     )
@@ -171,12 +179,27 @@ def proxy_timeout_probe(serve_instance, tmp_path_factory) -> Iterator[Probe]:
 # --- stage failures, deadlines and the fallback ----------------------------------------------
 
 
-def test_the_fake_graph_answers(faulty):
+@pytest.fixture(scope="module")
+def backup(registry) -> list[dict[str, float]]:
+    """The registered bag-of-words model's own probabilities for :data:`TEXTS`, in this process."""
+    import numpy as np
+
+    from deployments.bag_of_words import BagOfWords
+
+    probs = BagOfWords(model_uri=BOW_URI)({"text": np.array(TEXTS, dtype=object)})["probs"]
+    return [dict(zip(LABELS, map(float, row), strict=True)) for row in probs]
+
+
+def test_the_fake_graph_answers(faulty, backup):
     faulty.deploy()
     response = _predict(faulty.url)
     assert response.status_code == 200
-    probabilities = response.json()["predictions"][0]["probabilities"]
-    assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
+    body = response.json()
+    # The ensemble's vote: two uniform heads (0.35 each) and the real bag-of-words model (0.30).
+    for prediction, bow in zip(body["predictions"], backup, strict=True):
+        expected = {label: 0.7 / len(LABELS) + 0.3 * bow[label] for label in LABELS}
+        assert prediction["probabilities"] == pytest.approx(expected, abs=1e-6)
+    assert [(m["stage"], m["name"]) for m in body["models"]] == [("BagOfWords", "intent-bow")]
 
 
 def test_a_failing_stage_gives_a_503_without_internal_details_or_a_backup(faulty):
@@ -213,7 +236,18 @@ def test_a_stage_past_the_deadline_gives_a_clear_timeout_in_time(faulty):
     }
 
 
-def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
+def _backup_answered(body: dict[str, Any], backup: list[dict[str, float]]) -> bool:
+    """The degraded answer is the real backup's: its probabilities, its registered version."""
+    (model,) = body["models"]
+    assert (model["stage"], model["name"], model["uri"]) == ("BagOfWords", "intent-bow", BOW_URI)
+    assert model["version"] == "1"
+    for prediction, bow in zip(body["predictions"], backup, strict=True):
+        assert prediction["probabilities"] == pytest.approx(bow, abs=1e-6)
+        assert prediction["label"] == max(bow, key=bow.__getitem__)
+    return True
+
+
+def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty, backup):
     fallback = {"stage": "BagOfWords", "deadline_s": 1.0, "failure_threshold": 2, "cooldown_s": 60}
     faulty.deploy(fallback=fallback)
     faulty.act(LinearHead={"mode": "slow", "seconds": 5})
@@ -226,18 +260,19 @@ def test_a_late_primary_is_answered_by_the_backup_and_the_circuit_opens(faulty):
         body = response.json()
         assert body["degraded"] is True
         assert body["degraded_reason"] == "the primary pipeline missed its 1s deadline"
-        assert body["models"] == []  # the fake backup has no registered model to name
+        assert _backup_answered(body, backup)
     # Two misses in a row: the primary is not even called during the cool-down.
-    started = time.monotonic()
+    primary_calls = faulty.calls("LinearHead")
     body = _predict(faulty.url).json()
-    assert time.monotonic() - started < 1.0
     assert body["degraded"] and body["degraded_reason"].startswith("circuit open")
+    assert _backup_answered(body, backup)
+    assert faulty.calls("LinearHead") == primary_calls
     report = _experiments(faulty.url)["fallback"]
     assert _delta(report["fallbacks"], before) == {"deadline": 2, "circuit_open": 1}
     assert report["circuit"]["state"] == "open" and report["circuit"]["times_opened"] == 1
 
 
-def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
+def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty, backup):
     fallback = {"stage": "BagOfWords", "deadline_s": 5.0, "failure_threshold": 100}
     faulty.deploy(fallback=fallback)
     faulty.act(Ensemble={"mode": "error"})
@@ -248,8 +283,7 @@ def test_a_failing_primary_is_answered_by_the_backup_marked_degraded(faulty):
     assert body["degraded"] is True
     assert body["degraded_reason"].startswith("the primary pipeline failed")
     assert "secret" not in response.text
-    probabilities = body["predictions"][0]["probabilities"]
-    assert probabilities == pytest.approx({label: 1 / len(LABELS) for label in LABELS})
+    assert _backup_answered(body, backup)
     assert _delta(_fallbacks(faulty.url), before) == {"error": 1}
 
 
@@ -294,23 +328,28 @@ def test_the_proxy_cuts_a_request_at_its_timeout_and_cancels_the_work(proxy_time
     assert re.search(r"timed out after 30(\.0)?s", text), text
     assert 29 < seconds < 45
     deadline = time.monotonic() + 10
-    while not proxy_timeout_probe.record.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proxy_timeout_probe.record.read_text() == "cancelled"
+    while time.monotonic() < deadline and not _read(proxy_timeout_probe.record):
+        time.sleep(0.1)  # the file may exist a moment before its word is in it
+    assert _read(proxy_timeout_probe.record) == "cancelled"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 # --- a replica dies under load ----------------------------------------------------------------
 
 
 def _encoder_replicas() -> set[int]:
-    """PIDs of the encoder replicas alive now, from the GCS actor table (the state API would
+    """PIDs of the pipeline group's replicas (the encoder's) alive now, from the GCS actor table
+    (the state API would
     need the dashboard, which the test cluster runs without)."""
     from ray._private import state
 
     return {
         int(actor["Pid"])
         for actor in state.actors().values()
-        if actor.get("ActorClassName") == f"ServeReplica:{APP}:Encoder"
+        if actor.get("ActorClassName") == f"ServeReplica:{APP}:{PIPELINE_GROUP}"
         and actor.get("State") == "ALIVE"
         and actor.get("Pid")
     }
@@ -319,7 +358,7 @@ def _encoder_replicas() -> set[int]:
 def _running_encoders() -> int:
     from ray import serve
 
-    status = serve.status().applications[APP].deployments["Encoder"]
+    status = serve.status().applications[APP].deployments[PIPELINE_GROUP]
     return status.replica_states.get("RUNNING", 0)
 
 

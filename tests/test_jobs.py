@@ -19,6 +19,7 @@ from batch.adapter import stage_of_actor
 from servecore.dataset import load_split
 from servecore.jobs import JobStore
 from servecore.webhooks import SIGNATURE_HEADER, verify
+from tests.conftest import PIPELINE_GROUP
 from tests.jobs_support import (
     SECRET,
     jobs_config,
@@ -219,7 +220,8 @@ def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, jobs_s
 
 
 def _alive_encoder(since_ms: float) -> int | None:
-    """PID of the oldest live Ray Data encoder actor started after ``since_ms``, from Ray's actor
+    """PID of the oldest live Ray Data actor of the encoder's group (the shipped config's one
+    group) started after ``since_ms``, from Ray's actor
     table. The oldest, because a younger one may still be loading its model: Ray Data replaces an
     actor that dies during initialisation instead of restarting it, and the test wants the
     restart of a working actor."""
@@ -228,7 +230,7 @@ def _alive_encoder(since_ms: float) -> int | None:
     alive = [
         actor
         for actor in state.actors().values()
-        if stage_of_actor(actor.get("ActorClassName", ""), ["Encoder"])
+        if stage_of_actor(actor.get("ActorClassName", ""), [PIPELINE_GROUP])
         and actor.get("State") == "ALIVE"
         and actor.get("StartTime", 0) >= since_ms
         and actor.get("Pid")
@@ -273,7 +275,7 @@ def test_dataset_job_runs_the_batch_pipeline_through_a_killed_stage_actor(
     assert (result["rows_scored"], result["rows_rejected"]) == (len(rows), 1)
     assert done["done"] == done["total"] == len(rows) + 1
     summary = json.loads(Path(result["summary"]).read_text())
-    assert summary["stage_actors"]["Encoder"]["restarts"] >= 1
+    assert summary["stage_actors"][PIPELINE_GROUP]["restarts"] >= 1
     scored = pq.read_table(result["predictions"]).to_pandas()
     assert sorted(scored["id"]) == sorted(ids)  # every row once
     by_id = dict(zip(scored["id"], scored["label"], strict=True))

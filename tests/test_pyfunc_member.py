@@ -107,6 +107,9 @@ def test_a_pyfunc_member_added_by_uri_is_served_and_named(serve_instance, sklear
         }
     )
     args["ensemble"]["weights"]["sk"] = 0.25
+    # A deployment of its own (its libraries need not share a process with torch): the shipped
+    # Pipeline group then reads the member's column from it.
+    args["groups"].append({"name": "SklearnText", "stages": ["SklearnText"]})
     spec = PipelineSpec.model_validate(args)
     serve.run(fake_graph(spec), name="pyfunc", route_prefix="/pyfunc")
     try:

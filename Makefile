@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 # Ray turns token auth on for clusters it creates; this private single-user cluster on 127.0.0.1
 # turns it off so `serve status` and friends work from other shells (see README, Security).
 export RAY_AUTH_MODE ?= disabled
-# HTTP goes through Serve's HAProxy ingress (shipped with ray[serve] 2.60) straight to the gateway
-# replica, not through Serve's Python proxy actor: 1.5 ms instead of 7.2 ms per request on a null
-# deployment here (README, Benchmarks). Set it to 0 for the Python proxy.
+# How Serve runs (graphs/deploy.py SERVE_ENV says why; tests/test_config_check.py keeps the two
+# in step): HAProxy ingress straight to the gateway replica, Ray's throughput profile (handle
+# calls over gRPC), request logs written at once and shown on the console.
 export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
+export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE ?= 1
+export RAY_SERVE_LOG_TO_STDERR ?= 1
 
 .PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry
 

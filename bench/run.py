@@ -1,10 +1,14 @@
 """``python -m bench``: every measurement in one run, then the table, the ratios and the JSON.
 
 Order: the model classes in-process (the compute ceiling), the served graph over HTTP (a private
-Ray cluster in this process, shut down afterwards), then the two FastAPI peers, one at a time, each
-in its own ``uvicorn`` process stopped by PID afterwards. Nothing else runs alongside a
-measurement. A section that fails is logged, recorded in the JSON and turns the exit status to 1;
-the other sections still run. Failed requests in a measured run also make the status 1.
+Ray cluster in this process, shut down afterwards; with its latency budget at c=1 and its memory
+idle and under load), then the two FastAPI peers and MLServer with adaptive batching, one at a
+time, each in its own process stopped by PID afterwards. Nothing else runs alongside a
+measurement. MLServer runs from a virtual environment of its own, built on first use
+(``.cache/bench/mlserver-venv``); where that cannot be built the section is skipped with the
+reason, and the ratios against it say "not measured". A section that fails is logged, recorded
+in the JSON and turns the exit status to 1; the other sections still run. Failed requests in a
+measured run also make the status 1.
 
 Options: ``--quick`` (tiny counts for a smoke test, about two minutes), ``--config PATH``
 (default ``serve_config.yaml``), ``--output DIR`` (default ``bench/results``).
@@ -55,6 +59,8 @@ class Plan:
     """Warm-up before every other measured run."""
     max_settle_s: float
     """Extra warm-up allowed while the encoder's replica set is still changing."""
+    idle_settle_s: float
+    """Wait after deploying before the idle memory is read."""
 
     @classmethod
     def full(cls) -> Plan:
@@ -68,6 +74,7 @@ class Plan:
             first_warmup_s=20.0,
             warmup_s=5.0,
             max_settle_s=90.0,  # a replica loads in ~25 s on 2 busy cores
+            idle_settle_s=10.0,
         )
 
     @classmethod
@@ -82,6 +89,7 @@ class Plan:
             first_warmup_s=1.0,
             warmup_s=1.0,
             max_settle_s=0.0,
+            idle_settle_s=1.0,
         )
 
     def single_text(self, concurrency: int) -> LoadSpec:
@@ -156,11 +164,14 @@ def bench_raw(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[str,
 
 def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[str, Any]]:
     """The shipped config deployed on a private Ray cluster, measured over HTTP."""
+    from bench.memory import PeakMemory, settled_memory
     from bench.served import serve_graph, warm_settle_measure
 
     cycler = TextCycler(texts)
     rows: dict[str, dict[str, Any]] = {}
     with serve_graph(config) as graph:
+        idle = settled_memory(plan.idle_settle_s)
+        logger.info("served graph idle: %.0f MiB PSS", idle.pss_bytes / 2**20)
         result, replicas = warm_settle_measure(
             graph,
             plan.batch_of_32(),
@@ -170,27 +181,59 @@ def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[s
             "served (a) 32 texts/request c=4",
         )
         rows["served_batch32"] = http_row(result, "texts/s", encoder=replicas)
+        peak = None
         for concurrency in reporting.CONCURRENCIES:
-            result, replicas = warm_settle_measure(
-                graph,
-                plan.single_text(concurrency),
-                cycler,
-                plan.warmup_s,
-                plan.max_settle_s,
-                f"served (b) c={concurrency}",
-            )
+            with PeakMemory() as memory:
+                result, replicas = warm_settle_measure(
+                    graph,
+                    plan.single_text(concurrency),
+                    cycler,
+                    plan.warmup_s,
+                    plan.max_settle_s,
+                    f"served (b) c={concurrency}",
+                )
             rows[reporting.row_id("served", concurrency)] = http_row(
                 result, "req/s", encoder=replicas
             )
+            if peak is None or memory.peak.pss_bytes > peak.pss_bytes:
+                peak = memory.peak
+            if concurrency == 1:
+                rows["served_budget_c1"] = budget_row(graph, config, cycler, plan)
+        rows["served_memory"] = {
+            "unit": "MiB",
+            "errors": 0,
+            "idle": idle.to_dict(),
+            "under_load": None if peak is None else peak.to_dict(),
+        }
         # The response cache's hit path: one text asked again and again (compare with (b) c=8,
         # the same load through the models).
-        hits = dataclasses.replace(plan.single_text(8), use_cache=True)
+        hits = dataclasses.replace(plan.single_text(8), use_cache=True, headers=graph.headers)
         one_text = TextCycler(texts[:1])
         warm_up(graph.predict_url, hits, one_text, plan.warmup_s, "served cache hits c=8")
         rows["served_cached_c8"] = http_row(
             measure(graph.predict_url, hits, one_text, "served cache hits c=8"), "req/s"
         )
     return rows
+
+
+def budget_row(graph: Any, config: Path, texts: TextCycler, plan: Plan) -> dict[str, Any]:
+    """A c=1 run of its own with the metrics scraped around it: the latency budget."""
+    from bench import budget
+    from bench.pipeline import APP_NAME, load_spec
+    from servecore.graph import PREDICTION, Layout
+
+    route = [(hop.group, hop.stages) for hop in Layout(load_spec(config)).route(PREDICTION)]
+    spec = dataclasses.replace(plan.single_text(1), headers=graph.headers)
+    before = budget.scrape(graph.metrics_port)
+    result = measure(graph.predict_url, spec, texts, "served budget c=1")
+
+    def exported(old: budget.Samples, new: budget.Samples) -> bool:
+        calls = budget.histogram(old, new, budget.REQUEST_LATENCY, outcome="ok").count
+        return calls >= result.ok
+
+    after = budget.wait_for_export(lambda: budget.scrape(graph.metrics_port), before, exported)
+    found = budget.latency_budget(before, after, result.mean_ms or 0.0, APP_NAME, route)
+    return {**http_row(result, "req/s"), "budget": found}
 
 
 def bench_peer(
@@ -211,6 +254,31 @@ def bench_peer(
             result = measure(url, spec, cycler, label)
             rows[reporting.row_id(mode, concurrency)] = http_row(
                 result, "req/s", server_batches=batch_delta(before, fetch_stats(base_url))
+            )
+    return rows
+
+
+def bench_mlserver(
+    config: Path, texts: list[str], plan: Plan, log_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """MLServer with adaptive batching over the same classes (its own environment), one text
+    per request at each concurrency; skipped, with the reason, where it cannot be built."""
+    from bench.mlserver_peer import V2, ensure_env, infer_url, mlserver_server
+
+    python = ensure_env()
+    if isinstance(python, str):
+        logger.warning("MLServer peer skipped: %s", python)
+        return {"mlserver_skipped": {"unit": "", "errors": 0, "reason": python}}
+    cycler = TextCycler(texts)
+    rows: dict[str, dict[str, Any]] = {}
+    with mlserver_server(config, log_dir, python) as base_url:
+        url = infer_url(base_url)
+        for concurrency in reporting.CONCURRENCIES:
+            label = f"mlserver peer c={concurrency}"
+            spec = dataclasses.replace(plan.single_text(concurrency), protocol=V2)
+            warm_up(url, spec, cycler, plan.warmup_s, label)
+            rows[reporting.row_id("mlserver", concurrency)] = http_row(
+                measure(url, spec, cycler, label), "req/s"
             )
     return rows
 
@@ -277,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("served graph", lambda: bench_served(config, texts, plan)),
         ("unbatched peer", lambda: bench_peer("unbatched", config, texts, plan, log_dir)),
         ("micro-batching peer", lambda: bench_peer("microbatch", config, texts, plan, log_dir)),
+        ("MLServer peer", lambda: bench_mlserver(config, texts, plan, log_dir)),
     ]
     for name, section in sections:
         section_started = time.perf_counter()

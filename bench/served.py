@@ -3,12 +3,17 @@
 
 Ray is started with ``address="local"`` (never attaching to someone else's cluster), two CPUs, no
 dashboard and free ports; it is stopped with ``serve.shutdown()`` and ``ray.shutdown()`` only.
+Serve runs as ``make serve`` runs it (:data:`graphs.deploy.SERVE_ENV`), with one API key
+configured, which every measured request sends (the key check and its rate limiter are on the
+path a real caller takes; the key's own limit is high enough not to refuse the load).
 Before each measured run the same load runs for a few seconds, and longer while the encoder's
 autoscaler is still adding or removing replicas, so measurements see a settled replica set.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -27,33 +32,84 @@ from bench.loadgen import (
     measure,
     warm_up,
 )
+from bench.memory import process_role
 from bench.pipeline import APP_NAME, ENCODER
 
 logger = logging.getLogger(__name__)
 
 RAY_NUM_CPUS = 2
 SETTLE_CHUNK_S = 2.0
+KEY_NAME = "bench"
+KEY_RATE_PER_S = 100_000.0
+"""The benchmark key's own limit: far above what two cores serve, so nothing is refused."""
 
 
 @dataclass
 class ServedGraph:
     base_url: str
     ray_session_dir: str
+    metrics_port: int
+    encoder_group: str
+    """The deployment that runs the encoder (the spec's group holding it)."""
+    api_key: str
 
     @property
     def predict_url(self) -> str:
         return f"{self.base_url}/v1/predict"
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """What every benchmark request sends besides its body."""
+        return (("Authorization", f"Bearer {self.api_key}"),)
+
+
+def encoder_group(config_path: str | Path, app: str = APP_NAME) -> str:
+    """Name of the deployment whose replicas run the encoder, in ``config_path``'s grouping."""
+    from servecore.config_check import load_app_spec
+    from servecore.graph import Layout
+
+    return Layout(load_app_spec(config_path, app)).group_of[ENCODER]
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the block (Ray's processes started in it inherit them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
 def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
     """Start a private Ray cluster, deploy ``config_path`` and wait for ``/readyz``; shut all down
     on exit, also when deploying or measuring failed."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    from graphs.deploy import haproxy_env
+    from graphs.deploy import serve_env
+    from servecore.auth import ApiKey, hash_key, new_key
 
-    # HTTP through HAProxy, as `make serve` runs it (before Ray starts: Serve reads it at import).
-    os.environ.update(haproxy_env(free_port))
+    key = new_key()
+    keys = [
+        ApiKey(name=KEY_NAME, hash=hash_key(key), scopes=("predict",), rate_per_s=KEY_RATE_PER_S)
+    ]
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        # Serve as `make serve` runs it (before Ray starts: every Serve process reads it).
+        **serve_env(free_port),
+        "INTENT_SERVING_API_KEYS": json.dumps([k.model_dump(exclude_none=True) for k in keys]),
+    }
+    with _environment(env):
+        with _serve_graph(config_path, key) as graph:
+            yield graph
+
+
+@contextmanager
+def _serve_graph(config_path: str | Path, key: str) -> Iterator[ServedGraph]:
     import ray
     from ray import serve
 
@@ -62,11 +118,12 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
 
     config = load_config(config_path)
     started = time.perf_counter()
+    metrics_port = free_port()
     context = ray.init(
         address="local",
         num_cpus=RAY_NUM_CPUS,
         include_dashboard=False,
-        _metrics_export_port=free_port(),
+        _metrics_export_port=metrics_port,
         logging_level="WARNING",
         # Replica logs (an access line per request) stay in the session folder, not on stderr.
         log_to_driver=False,
@@ -82,7 +139,13 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
         logger.info(
             "graph deployed and ready at %s in %.0fs", base_url, time.perf_counter() - started
         )
-        yield ServedGraph(base_url=base_url, ray_session_dir=session_dir)
+        yield ServedGraph(
+            base_url=base_url,
+            ray_session_dir=session_dir,
+            metrics_port=metrics_port,
+            encoder_group=encoder_group(config_path),
+            api_key=key,
+        )
     finally:
         try:
             serve.shutdown()
@@ -91,12 +154,12 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
             logger.info("serve and ray shut down")
 
 
-def encoder_replicas(app: str = APP_NAME) -> dict[str, Any]:
-    """The encoder deployment's status and replica count per state (``RUNNING``, ...)."""
+def encoder_replicas(deployment: str, app: str = APP_NAME) -> dict[str, Any]:
+    """The encoder's deployment's status and replica count per state (``RUNNING``, ...)."""
     from ray import serve
 
     deployments = serve.status().applications[app].deployments
-    status = deployments[ENCODER]
+    status = deployments[deployment]
     return {
         "status": str(getattr(status.status, "value", status.status)),
         "replica_states": {str(k): int(v) for k, v in status.replica_states.items()},
@@ -118,35 +181,25 @@ def warm_settle_measure(
 ) -> tuple[LoadResult, dict[str, Any]]:
     """Warm up, keep the load on while the encoder autoscaler is still moving (at most
     ``max_settle_s`` more), then measure. Returns the result and the encoder replicas seen."""
+    spec = dataclasses.replace(spec, headers=spec.headers + graph.headers)
     warm_up(graph.predict_url, spec, texts, warmup_s, label)
     settle_started = time.perf_counter()
-    replicas = encoder_replicas()
+    replicas = encoder_replicas(graph.encoder_group)
     while not _settled(replicas) and time.perf_counter() - settle_started < max_settle_s:
         logger.info("%s: encoder not settled yet (%s); more warm-up", label, replicas)
         warm_up(graph.predict_url, spec, texts, SETTLE_CHUNK_S, label)
-        replicas = encoder_replicas()
+        replicas = encoder_replicas(graph.encoder_group)
     if not _settled(replicas):
         logger.warning("%s: encoder still not settled, measuring anyway: %s", label, replicas)
     before_cpu = cpu_seconds_by_process()
     result = measure(graph.predict_url, spec, texts, label)
     cpu = cpu_breakdown(before_cpu, cpu_seconds_by_process(), max(result.ok, 1))
-    after = encoder_replicas()
+    after = encoder_replicas(graph.encoder_group)
     if after != replicas:
         logger.warning(
             "%s: encoder replicas changed while measuring: %s → %s", label, replicas, after
         )
     return result, {"before": replicas, "after": after, "cpu_ms_per_request": cpu}
-
-
-def _process_group(cmdline: str) -> str:
-    """Name a process by its role in the served path."""
-    if cmdline.startswith("ray::ServeReplica:"):
-        return cmdline.split(":")[-1].split()[0]  # the deployment: Gateway, Encoder, ...
-    if cmdline.startswith("ray::ProxyActor"):
-        return "Serve proxy"
-    if cmdline.startswith("ray::ServeController"):
-        return "Serve controller"
-    return "Ray control plane and other"
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
@@ -160,7 +213,7 @@ def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
             cmdline = " ".join(process.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        group = "load generator" if process.info["pid"] == os.getpid() else _process_group(cmdline)
+        group = "load generator" if process.info["pid"] == os.getpid() else process_role(cmdline)
         snapshot[process.info["pid"]] = (group, times.user + times.system)
     return snapshot
 

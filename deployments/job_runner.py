@@ -222,7 +222,13 @@ class JobRunner:
     @property
     def gateway(self) -> Any:
         if self._gateway is None:
-            self._gateway = serve.get_deployment_handle("Gateway", app_name=self.app_name)
+            handle = serve.get_deployment_handle("Gateway", app_name=self.app_name)
+            # Called from Celery's worker threads, which run no event loop: Ray's throughput
+            # profile (graphs.deploy.SERVE_ENV) routes handle calls on the caller's loop unless
+            # the handle asks for a router loop of its own (an init option Serve has no public
+            # setter for yet).
+            handle._init(_run_router_in_separate_loop=True)
+            self._gateway = handle
         return self._gateway
 
     # --- running a job -------------------------------------------------------------------------

@@ -97,13 +97,13 @@ def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterato
     import ray
     from ray import serve
 
-    from graphs.deploy import haproxy_env, start_serve
+    from graphs.deploy import serve_env, start_serve
     from servecore.config_check import load_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # HTTP through HAProxy, as `make serve` runs it (set before Ray starts: every Serve process
-    # reads it at import), with its fixed side ports moved to free ones.
-    os.environ.update(haproxy_env(free_port))
+    # Serve as `make serve` runs it (HAProxy ingress, Ray's throughput profile; set before Ray
+    # starts: every Serve process reads it at import), HAProxy's fixed ports moved to free ones.
+    os.environ.update(serve_env(free_port))
     metrics_port = free_port()
     ray.init(
         address="local",

@@ -295,19 +295,37 @@ def deploy(port: int, deployments: Sequence[str], head_node_id: str) -> None:
         ray.kill(placeholder)
 
 
+NODE_DEATH_TIMEOUT_S = 60.0
+"""How long the GCS may take to declare the removed node dead. Serve can have every replica back
+before that (measured: replicas back in ~10 s with two deployments), so the drill waits for it
+rather than reading the node table once."""
+
+
+def wait_for_live_nodes(wanted: int, timeout_s: float) -> int:
+    """Live nodes in the GCS's table, once there are ``wanted`` of them or at the timeout."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = sum(1 for node in ray.nodes() if node["Alive"])
+        if live == wanted or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
+
+
 def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from cluster.local import node_args
-    from graphs.deploy import haproxy_env
+    from graphs.deploy import serve_env
 
     report: dict[str, Any] = {"ok": False}
     deployments = deployment_names()
-    # HAProxy as shipped, on ports of its own: the test session that started this process runs
-    # a cluster of its own with HAProxy on the ports in the inherited environment.
-    os.environ.update(haproxy_env(free_port))
+    # Serve as shipped, HAProxy on ports of its own: the test session that started this process
+    # runs a cluster of its own with HAProxy on the ports in the inherited environment.
+    os.environ.update(serve_env(free_port))
     cluster = Cluster()
     load: Load | None = None
     try:
@@ -410,7 +428,7 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
                 collections.Counter((o.first_error or "")[:120] for o in first_failed)
             ),
             final_errors=dict(collections.Counter((o.final_error or "")[:120] for o in failed)),
-            live_nodes=sum(1 for node in ray.nodes() if node["Alive"]),
+            live_nodes=wait_for_live_nodes(1, NODE_DEATH_TIMEOUT_S),
         )
         return report
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.loadgen import percentiles
-from bench.report import compute_ratios
+from bench.report import compute_ratios, markdown_ratios
 from servecore import LABELS
 from tests.conftest import ROOT, STAGES
 
@@ -35,14 +35,21 @@ def test_percentiles_in_milliseconds():
     assert percentiles([])["p99_ms"] is None
 
 
-def _row(rps: float, tps: float | None = None, errors: int = 0) -> dict:
-    return {"requests_per_s": rps, "texts_per_s": tps if tps is not None else rps, "errors": errors}
+def _row(rps: float, tps: float | None = None, errors: int = 0, p50: float = 10.0) -> dict:
+    return {
+        "requests_per_s": rps,
+        "texts_per_s": tps if tps is not None else rps,
+        "errors": errors,
+        "p50_ms": p50,
+    }
 
 
 def test_ratio_verdicts_need_the_target_and_no_errors():
     results = {
         "raw": _row(2.0, 64.0),
         "served_batch32": _row(2.0, 60.0),
+        "served_c1": _row(50.0, p50=15.0),
+        "unbatched_c1": _row(70.0, p50=10.0),
         "served_c8": _row(20.0),
         "served_c32": _row(30.0, errors=1),
         "unbatched_c32": _row(15.0),
@@ -50,7 +57,14 @@ def test_ratio_verdicts_need_the_target_and_no_errors():
     }
     ratios = compute_ratios(results)
     assert ratios["served_vs_raw"]["value"] == pytest.approx(60 / 64)
-    assert ratios["served_vs_raw"]["met"] is True
-    assert ratios["served_vs_unbatched_c32"]["value"] == pytest.approx(2.0)
-    assert ratios["served_vs_unbatched_c32"]["met"] is False  # a failed request voids the verdict
-    assert ratios["served_vs_microbatch_c32"]["met"] is None  # no target
+    assert ratios["served_vs_raw"]["met"] is True  # 0.94 against a floor of 0.90
+    assert ratios["served_vs_microbatch_c32"]["value"] == pytest.approx(0.5)
+    assert ratios["served_vs_microbatch_c32"]["met"] is False  # a failed request voids it too
+    assert ratios["served_vs_unbatched_c32"]["met"] is None  # no target
+    assert ratios["served_vs_mlserver_c32"]["verdict"] == "n/a (not measured)"
+    # Latency is a ceiling: 1.5 times the peer's p50 is the most that still meets it.
+    assert ratios["served_vs_unbatched_c1_p50"]["value"] == pytest.approx(1.5)
+    assert ratios["served_vs_unbatched_c1_p50"]["met"] is True
+    slower = compute_ratios({**results, "served_c1": _row(50.0, p50=15.1)})
+    assert slower["served_vs_unbatched_c1_p50"]["met"] is False
+    assert "≤ 1.50" in markdown_ratios(slower)

@@ -177,3 +177,16 @@ def test_a_device_on_a_text_member_is_refused_not_ignored(tmp_path):
         "applications[intent].args.members.2: Value error, member 'bow': device applies to "
         "embedding members only; leave it unset"
     ]
+
+
+def test_make_serve_runs_serve_as_the_tests_and_the_benchmark_do():
+    """``make serve`` exports :data:`graphs.deploy.SERVE_ENV`, which the tests and the
+    benchmark set for their own clusters: what is measured and tested is what ships."""
+    import re
+
+    from graphs.deploy import SERVE_ENV
+
+    exported = dict(
+        re.findall(r"^export (RAY_SERVE_\w+) \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    )
+    assert exported == SERVE_ENV

@@ -93,6 +93,9 @@ from servecore.webhooks import check_target, parse_networks
 
 logger = logging.getLogger("ray.serve")
 
+PREDICTION_AND_EMBEDDING = (*PREDICTION, "embedding")
+"""What a graph call holding a request the monitor sees asks for."""
+
 # A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
 # retry: 503. RayServeException covers BackPressureError and DeploymentUnavailableError.
 STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
@@ -108,8 +111,10 @@ JOB_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503, *GUARD_CODES)
 }
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
-GraphRequest = tuple[list[str], str]
-"""What the coalescer gathers: one request's texts and its request id."""
+GraphRequest = tuple[list[str], str, bool]
+"""What the coalescer gathers: one request's texts, its request id, and whether the monitor will
+see it (then the graph call also returns the texts' embeddings, which drift scoring needs, so
+the monitor never runs the encoder again for them)."""
 
 
 app = FastAPI(
@@ -158,8 +163,9 @@ class MonitoringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Share of ``/v1/predict`` requests sent to the monitor (all their texts). Each sampled text
-    costs one extra encoder pass for drift scoring, so 1.0 halves the encoder's capacity."""
+    """Share of ``/v1/predict`` requests sent to the monitor (all their texts). A sampled
+    request's graph call also returns its embeddings, so drift scoring costs no second encoder
+    pass (only answers served from the cache are embedded again by the monitor)."""
     flush_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
     """Samples are sent in one call per interval (or sooner, once 256 are waiting)."""
     max_buffered: int = Field(default=10_000, ge=1, le=1_000_000)
@@ -409,9 +415,14 @@ class Gateway:
         calls = start_route(self.groups, route, text_batch(texts), self._pins_of(release))
         return await finish_route(calls, route, timeout_s)
 
-    async def _graph(self, texts: list[str], release: Release, timeout_s: float) -> StageOutput:
-        """The whole pipeline's answer for ``texts`` within ``timeout_s``."""
-        return await self._run(PREDICTION, texts, release, timeout_s)
+    async def _graph(
+        self, texts: list[str], release: Release, timeout_s: float, embed: bool = False
+    ) -> StageOutput:
+        """The whole pipeline's answer for ``texts`` within ``timeout_s`` (with the encoder's
+        embeddings when ``embed``)."""
+        return await self._run(
+            PREDICTION_AND_EMBEDDING if embed else PREDICTION, texts, release, timeout_s
+        )
 
     def _coalescer(self, variant: str) -> Coalescer[GraphRequest, StageOutput]:
         coalescer = self.coalescers.get(variant)
@@ -434,8 +445,8 @@ class Gateway:
         return coalescer
 
     async def _predict_batch(self, variant: str, requests: list[GraphRequest]) -> list[StageOutput]:
-        sizes = [len(texts) for texts, _ in requests]
-        ids = [rid for _, rid in requests]
+        sizes = [len(texts) for texts, _, _ in requests]
+        ids = [rid for _, rid, _ in requests]
         # This task runs in the coalescer's own context: give the graph call the request id of
         # its first request, so every stage's log lines carry it; the line below ties the other
         # requests of a coalesced call to it.
@@ -445,24 +456,27 @@ class Gateway:
         metric("intent_batch_size").observe(sum(sizes), tags={"stage": "Gateway"})
         # The release is read once per graph call: every text in it runs on the same versions.
         output = await self._graph(
-            [t for texts, _ in requests for t in texts],
+            [t for texts, _, _ in requests for t in texts],
             self.releases[variant],
             self.graph_timeout_s,
+            embed=any(embed for _, _, embed in requests),
         )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
-    async def _primary(self, variant: str, texts: list[str], rid: str) -> StageOutput:
+    async def _primary(
+        self, variant: str, texts: list[str], rid: str, embed: bool = False
+    ) -> StageOutput:
         """The full pipeline, behind the circuit breaker and the fallback deadline."""
         fallback = self.knobs.fallback
         if fallback.stage is None:
-            return await self._coalescer(variant).submit((texts, rid))
+            return await self._coalescer(variant).submit((texts, rid, embed))
         if not self.breaker.allow():
             raise PrimaryUnavailable(
                 "circuit_open", "circuit open: the primary pipeline failed repeatedly"
             )
         try:
             output = await asyncio.wait_for(
-                self._coalescer(variant).submit((texts, rid)), fallback.deadline_s
+                self._coalescer(variant).submit((texts, rid, embed)), fallback.deadline_s
             )
         except TimeoutError as e:
             self.breaker.failure()
@@ -507,7 +521,7 @@ class Gateway:
         started = time.perf_counter()
         try:
             output = await asyncio.wait_for(
-                self._coalescer(variant).submit((texts, rid)), self.graph_timeout_s
+                self._coalescer(variant).submit((texts, rid, False)), self.graph_timeout_s
             )
         except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
             self.shadow_stats.errors += 1
@@ -536,17 +550,24 @@ class Gateway:
         started = time.perf_counter()
         variant = self.knobs.experiment.assign(user_key)
         metric("intent_variant_requests").inc(tags={"variant": variant})
+        sampled = sample and self._sampled()
         try:
-            answer, cached_flags = await self._answer_variant(
-                texts, variant, use_cache, rid, started
+            answer, cached_flags, embeddings = await self._answer_variant(
+                texts, variant, use_cache, rid, started, embed=sampled
             )
         except Exception:
             self._observe_request(variant, "error", started)
             raise
         self._observe_request(variant, "degraded" if answer.degraded else "ok", started)
-        if sample:
-            self._sample(texts, answer, cached_flags, rid, started)
+        if sampled:
+            self._sample(texts, answer, cached_flags, embeddings, rid, started)
         return answer
+
+    def _sampled(self) -> bool:
+        """Whether the monitor sees this request (drawn before its graph call, so that the call
+        brings the embeddings back with the answer)."""
+        rate = self.knobs.monitoring.sample_rate
+        return self.monitor is not None and rate > 0 and random.random() < rate
 
     @staticmethod
     def _observe_request(variant: str, outcome: str, started: float) -> None:
@@ -556,8 +577,16 @@ class Gateway:
         )
 
     async def _answer_variant(
-        self, texts: list[str], variant: str, use_cache: bool, rid: str, started: float
-    ) -> tuple[PredictResponse, list[bool]]:
+        self,
+        texts: list[str],
+        variant: str,
+        use_cache: bool,
+        rid: str,
+        started: float,
+        embed: bool = False,
+    ) -> tuple[PredictResponse, list[bool], list[np.ndarray | None]]:
+        """The answer, which texts came from the cache, and (with ``embed``) each text's
+        embedding where the pipeline computed one now (None for cached or degraded texts)."""
         stats = self.variant_stats.setdefault(variant, VariantStats())
         release = self.releases[variant]
         lookups = metric("intent_cache_lookups")
@@ -579,10 +608,11 @@ class Gateway:
         probs: list[tuple[float, ...]] = [hit.probs if hit else () for hit in cached]
         models: dict[str, dict[str, Any]] = next((h.models for h in cached if h), {})
         degraded_reason = None
+        embeddings: list[np.ndarray | None] = [None] * len(texts)
         if missing:
             asked = [texts[i] for i in missing]
             try:
-                output = await self._primary(variant, asked, rid)
+                output = await self._primary(variant, asked, rid, embed)
             except (PrimaryUnavailable, *STAGE_ERRORS) as e:
                 if self.knobs.fallback.stage is None:
                     stats.errors += 1
@@ -606,7 +636,10 @@ class Gateway:
                 self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
                 metric("intent_fallbacks").inc(tags={"reason": code})
             models = output.models
+            computed = output.batch.get("embedding") if embed else None
             for j, i in enumerate(missing):
+                if computed is not None:
+                    embeddings[i] = computed[j]
                 labels[i] = str(output.batch["label"][j])
                 probs[i] = tuple(float(p) for p in output.batch["probs"][j])
                 if degraded_reason is None:
@@ -631,7 +664,7 @@ class Gateway:
             degraded_reason=degraded_reason,
             cached=len(texts) - len(missing),
         )
-        return answer, [hit is not None for hit in cached]
+        return answer, [hit is not None for hit in cached], embeddings
 
     # --- monitoring ------------------------------------------------------------------------
 
@@ -640,32 +673,34 @@ class Gateway:
         texts: list[str],
         answer: PredictResponse,
         cached: list[bool],
+        embeddings: list[np.ndarray | None],
         rid: str,
         started: float,
     ) -> None:
-        """Queue a sampled answer for the monitor; sent by :meth:`_send_samples`, never awaited
-        by the request."""
+        """Queue a sampled answer for the monitor, with the embeddings its graph call returned
+        (the monitor embeds only the texts without one: cached answers); sent by
+        :meth:`_send_samples`, never awaited by the request."""
         knobs = self.knobs.monitoring
-        if self.monitor is None or knobs.sample_rate <= 0 or random.random() >= knobs.sample_rate:
-            return
         room = knobs.max_buffered - len(self._samples)
         if room < len(texts):
             self.samples_dropped += len(texts)
             return
-        self._samples.extend(
-            log_records(
-                texts,
-                [p.label for p in answer.predictions],
-                [list(p.probabilities.values()) for p in answer.predictions],
-                cached,
-                label_names=LABELS,
-                models={m.stage: f"{m.name}/{m.version}" for m in answer.models if m.stage},
-                variant=answer.variant or "",
-                request_id=rid,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                degraded=answer.degraded,
-            )
+        records = log_records(
+            texts,
+            [p.label for p in answer.predictions],
+            [list(p.probabilities.values()) for p in answer.predictions],
+            cached,
+            label_names=LABELS,
+            models={m.stage: f"{m.name}/{m.version}" for m in answer.models if m.stage},
+            variant=answer.variant or "",
+            request_id=rid,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            degraded=answer.degraded,
         )
+        for record, embedding in zip(records, embeddings, strict=True):
+            if embedding is not None:
+                record["embedding"] = embedding
+        self._samples.extend(records)
         if self._sample_sender is None or self._sample_sender.done():
             # A fresh context, not this request's: the sender outlives the request and carries
             # other requests' samples too.

@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -73,8 +74,11 @@ class Monitor:
             key=None if key is None else key.get_secret_value().encode(),
         )
         self.knobs = MonitorUserConfig()
-        self.pending: collections.deque[tuple[str, str, str]] = collections.deque()
-        """(encoder pin, text, predicted label) waiting to be embedded."""
+        self.pending: collections.deque[tuple[str, str, str, np.ndarray | None]] = (
+            collections.deque()
+        )
+        """(encoder pin, text, predicted label, its embedding if the answer brought one)
+        waiting to be scored; those without an embedding are embedded first."""
         self.windows: dict[str, DriftWindow] = {}
         self.current: str | None = None
         """The encoder pin of the most recent sample: the window that is reported."""
@@ -107,18 +111,21 @@ class Monitor:
             metric("intent_monitor_records").inc(n, tags={"outcome": outcome})
 
     async def record(self, records: list[dict[str, Any]]) -> None:
-        """Take sampled records from the gateway (fire-and-forget on its side)."""
+        """Take sampled records from the gateway (fire-and-forget on its side). A record may
+        carry its text's ``embedding`` from the graph call that answered it; it is scored as it
+        is and not written to the prediction log."""
         self._ensure_worker()
+        embeddings = [r.pop("embedding", None) for r in records]
         if self.knobs.prediction_log.enabled:
             written = await asyncio.to_thread(self.log.write, records)
             self._count("logged", written)
         room = self.knobs.max_pending - len(self.pending)
         accepted = records[: max(room, 0)]
         self._count("dropped", len(records) - len(accepted))
-        for r in accepted:
+        for r, embedding in zip(accepted, embeddings, strict=False):
             pin = r["models"].get("Encoder")
             if pin and not r.get("degraded"):  # a degraded answer never reached the encoder
-                self.pending.append((f"models:/{pin}", r["text"], r["label"]))
+                self.pending.append((f"models:/{pin}", r["text"], r["label"], embedding))
 
     async def _work(self) -> None:
         while True:
@@ -153,17 +160,34 @@ class Monitor:
                 self._count("dropped", len(chunk))
                 self.current = pin
                 continue
-            texts = [text for _, text, _ in chunk]
-            pins = {"Tokenizer": pin, "Encoder": pin}
-            calls = start_route(self.groups, self.route, text_batch(texts), pins)
-            output = await finish_route(calls, self.route, EMBED_TIMEOUT_S)
+            embeddings = await self._embeddings(pin, chunk)
             window = self.windows.get(pin)
             if window is None:
                 window = self.windows[pin] = DriftWindow(profile, self.knobs.drift.window_size)
-            window.add(output.batch["embedding"], [label for _, _, label in chunk])
+            window.add(embeddings, [label for _, _, label, _ in chunk])
             self.current = pin
             self._count("scored", len(chunk))
             self._export(window.report(self.knobs.drift))
+
+    async def _embeddings(
+        self, pin: str, chunk: list[tuple[str, str, str, np.ndarray | None]]
+    ) -> np.ndarray:
+        """The chunk's embeddings: those the answers brought, the rest computed through the
+        application's own Tokenizer and Encoder stages, pinned to the version that answered."""
+        missing = [i for i, (_, _, _, embedding) in enumerate(chunk) if embedding is None]
+        computed: np.ndarray | None = None
+        if missing:
+            texts = [chunk[i][1] for i in missing]
+            pins = {"Tokenizer": pin, "Encoder": pin}
+            calls = start_route(self.groups, self.route, text_batch(texts), pins)
+            output = await finish_route(calls, self.route, EMBED_TIMEOUT_S)
+            computed = np.asarray(output.batch["embedding"], dtype=np.float32)
+            self._count("embedded", len(missing))
+        rows = []
+        filled = iter(computed if computed is not None else ())
+        for _, _, _, embedding in chunk:
+            rows.append(next(filled) if embedding is None else embedding)
+        return np.stack([np.asarray(r, dtype=np.float32) for r in rows])
 
     @staticmethod
     def _export(report: dict[str, Any]) -> None:

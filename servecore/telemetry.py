@@ -99,7 +99,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "counter",
         ("outcome",),
         "Sampled answers that reached the monitor: `logged` to the prediction log, `scored` "
-        "for drift, `dropped` (a full buffer, or no reference profile to score against).",
+        "for drift, `dropped` (a full buffer, or no reference profile to score against); "
+        "`embedded` counts the scored ones the monitor had to embed itself (cached answers: the "
+        "others brought their embedding from the graph call that answered them).",
     ),
     MetricSpec(
         "intent_drift_score",

@@ -470,7 +470,21 @@ def test_sampled_predictions_are_logged_hashed_and_ray_data_reads_them(client, o
         assert row["models"]["Encoder"] == "intent-encoder/1"
         assert row["latency_ms"] > 0 and row["variant"] in ("a", "b")
         assert row["cached"] is False and row["degraded"] is False
+        assert "embedding" not in row  # it came with the answer for drift scoring only
     assert not list(observed.glob("*.part"))
+
+
+def test_only_a_cached_answer_is_embedded_again_by_the_monitor(client, observed):
+    text = f"I was billed twice for order {uuid.uuid4().hex[:8]}"
+    before = client.get("/v1/monitoring/drift").json()["records"]
+    assert predict(client, [text])["cached"] == 0
+    assert predict(client, [text])["cached"] == 1
+    report = drift_when(
+        client,
+        lambda r: r["pending"] == 0
+        and r["records"].get("scored", 0) >= before.get("scored", 0) + 2,
+    )
+    assert report["records"].get("embedded", 0) == before.get("embedded", 0) + 1
 
 
 def test_held_out_texts_raise_no_alarm_and_out_of_domain_texts_do(client, observed):
@@ -486,11 +500,14 @@ def test_held_out_texts_raise_no_alarm_and_out_of_domain_texts_do(client, observ
     # The window is judged once it holds nothing but the new texts: every one of them scored
     # (the alarm alone may fire while in-domain texts still fill half the window).
     scored = report["records"].get("scored", 0)
+    embedded = report["records"].get("embedded", 0)
     send(client, OUT_OF_DOMAIN + OUT_OF_DOMAIN[: WINDOW - len(OUT_OF_DOMAIN)])
     report = drift_when(
         client, lambda r: r["pending"] == 0 and r["records"].get("scored", 0) >= scored + WINDOW
     )
     assert report["status"] == "drift" and report["alarm"] is True
+    # Answers past the cache brought their embeddings: the monitor ran no encoder for them.
+    assert report["records"].get("embedded", 0) == embedded
     embedding = report["signals"]["embedding"]
     assert embedding["alarm"] is True and embedding["score"] > 0.6
     assert embedding["live_median"] < embedding["reference_median"]

@@ -481,8 +481,9 @@ def test_only_a_cached_answer_is_embedded_again_by_the_monitor(client, observed)
     assert predict(client, [text])["cached"] == 1
     report = drift_when(
         client,
-        lambda r: r["pending"] == 0
-        and r["records"].get("scored", 0) >= before.get("scored", 0) + 2,
+        lambda r: (
+            r["pending"] == 0 and r["records"].get("scored", 0) >= before.get("scored", 0) + 2
+        ),
     )
     assert report["records"].get("embedded", 0) == before.get("embedded", 0) + 1
 

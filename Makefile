@@ -14,6 +14,7 @@ export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
 export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE ?= 1
 export RAY_SERVE_LOG_TO_STDERR ?= 1
+export RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS ?= 0.1,0.25,0.5,1,1.5,2,3,4,5,6,8,10,12,15,20,25,30,40,50,75,100,150,200,300,500,1000,2000,5000,10000,30000
 
 .PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry
 

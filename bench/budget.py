@@ -122,6 +122,30 @@ def wait_for_export(
     return now
 
 
+def settled(
+    read: Callable[[], Samples],
+    count: Callable[[Samples], float],
+    quiet_s: float = 11.0,
+    timeout_s: float = 45.0,
+    interval_s: float = 1.0,
+) -> Samples:
+    """A scrape taken once ``count`` has not moved for ``quiet_s``: Ray exports a process's
+    metrics every few seconds (10 s by default), so a scrape right after a load still misses
+    its last requests, which would then count in the next measurement."""
+    deadline = time.monotonic() + timeout_s
+    now = read()
+    last, since = count(now), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = read()
+        value = count(now)
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return now
+
+
 def latency_budget(
     before: Samples,
     after: Samples,

@@ -224,14 +224,21 @@ def budget_row(graph: Any, config: Path, texts: TextCycler, plan: Plan) -> dict[
 
     route = [(hop.group, hop.stages) for hop in Layout(load_spec(config)).route(PREDICTION)]
     spec = dataclasses.replace(plan.single_text(1), headers=graph.headers)
-    before = budget.scrape(graph.metrics_port)
+
+    def read() -> budget.Samples:
+        return budget.scrape(graph.metrics_port)
+
+    def requests(samples: budget.Samples) -> float:
+        return budget.histogram({}, samples, budget.REQUEST_LATENCY, outcome="ok").count
+
+    before = budget.settled(read, requests)  # the earlier runs' requests all exported
     result = measure(graph.predict_url, spec, texts, "served budget c=1")
 
     def exported(old: budget.Samples, new: budget.Samples) -> bool:
-        calls = budget.histogram(old, new, budget.REQUEST_LATENCY, outcome="ok").count
-        return calls >= result.ok
+        return requests(new) - requests(old) >= result.ok
 
-    after = budget.wait_for_export(lambda: budget.scrape(graph.metrics_port), before, exported)
+    budget.wait_for_export(read, before, exported)
+    after = budget.settled(read, requests)
     found = budget.latency_budget(before, after, result.mean_ms or 0.0, APP_NAME, route)
     return {**http_row(result, "req/s"), "budget": found}
 

@@ -17,7 +17,14 @@ from typing import Any, Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 
-LATENCY_MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+LATENCY_MS_BUCKETS = (
+    0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 75, 100, 150,
+    200, 300, 500, 1000, 2000, 5000, 10000, 30000,
+)  # fmt: skip
+"""Fine below 50 ms, where one request's stages and hops live: Ray exports a histogram's sum as
+the sum of its buckets' midpoints, so the latency budget (``bench/budget.py``) is only as exact
+as these buckets are narrow. The same list is Serve's own request-latency buckets
+(``graphs.deploy.SERVE_ENV``)."""
 BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 

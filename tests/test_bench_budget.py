@@ -138,3 +138,18 @@ def test_the_memory_of_a_process_tree_counts_a_child_that_holds_memory():
     finally:
         child.stdin.close()  # type: ignore[union-attr]
         child.wait(timeout=30)
+
+
+def test_a_settled_scrape_waits_until_the_count_stops_moving():
+    counts = iter([1, 2, 3, 3, 3, 3, 3, 3])
+    reads: list[int] = []
+
+    def read() -> budget.Samples:
+        value = next(counts)
+        reads.append(value)
+        return {("x_count", ()): float(value)}
+
+    found = budget.settled(
+        read, lambda s: s[("x_count", ())], quiet_s=0.02, timeout_s=5, interval_s=0.01
+    )
+    assert found[("x_count", ())] == 3.0 and reads[:3] == [1, 2, 3] and len(reads) >= 4

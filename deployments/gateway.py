@@ -34,7 +34,7 @@ from ray.serve.context import _set_request_context
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stage import StageOutput, finish_route, start_route
+from deployments.stage import StageOutput, deployment_result, finish_route, start_route
 from servecore import LABELS
 from servecore.auth import ANONYMOUS, Guard, KeyRing, LimitsConfig
 from servecore.batching import split_batch, text_batch
@@ -97,7 +97,8 @@ PREDICTION_AND_EMBEDDING = (*PREDICTION, "embedding")
 """What a graph call holding a request the monitor sees asks for."""
 
 # A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
-# retry: 503. RayServeException covers BackPressureError and DeploymentUnavailableError.
+# retry: 503. RayServeException covers BackPressureError, DeploymentUnavailableError and
+# deployments.stage.StageFailed (what a stage raised, as the gRPC transport delivers it).
 STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
 
 MAX_CONCURRENT_BATCHES = 4
@@ -325,6 +326,11 @@ class Gateway:
         self.cache.configure(knobs.cache)
         _Policy.limits = knobs.limits
         self._ensure_watcher()
+
+    async def current_knobs(self) -> dict[str, Any]:
+        """The live knobs this replica applies now (a handle method, no route): ``user_config``
+        lands a moment after a deploy returns, so operators and tests ask instead of guessing."""
+        return self.knobs.model_dump(mode="json")
 
     def _alias_of(self, variant: str) -> str | None:
         for v in self.knobs.experiment.variants:
@@ -788,7 +794,7 @@ class Gateway:
 
     async def _describe_all(self) -> list[dict[str, Any]]:
         calls = [handle.describe.remote() for handle in self.groups.values()]
-        return await asyncio.wait_for(asyncio.gather(*calls), timeout=READY_TIMEOUT_S)
+        return await deployment_result(asyncio.gather(*calls), READY_TIMEOUT_S)  # type: ignore[no-any-return]
 
     @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)
     async def models(self) -> ModelsResponse:
@@ -963,7 +969,7 @@ class Gateway:
         if self.monitor is None:
             raise NotDeployed("this application has no monitor deployment")
         try:
-            report = await asyncio.wait_for(self.monitor.drift.remote(), READY_TIMEOUT_S)
+            report = await deployment_result(self.monitor.drift.remote(), READY_TIMEOUT_S)
         except STAGE_ERRORS as e:
             raise ModelUnavailable("the monitor is unavailable; retry shortly") from e
         report["gateway_samples_dropped"] = self.samples_dropped

@@ -35,6 +35,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from servecore.batching import Batch, concat_batches, num_rows, split_batch
@@ -259,10 +261,13 @@ async def _all_left(interests: Sequence[Interest]) -> None:
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Done-callback of work nobody awaits any more: its outcome is read so that asyncio does not
-    log it as lost; an :class:`Abandoned` chain is the expected one."""
+    log it as lost; an :class:`Abandoned` chain is the expected one (logged: the fault tests wait
+    for this line)."""
     if not future.cancelled() and future.exception() is not None:
         error = future.exception()
-        if not isinstance(error, Abandoned):
+        if isinstance(error, Abandoned):
+            logger.info("stage chain stopped: %s", error)
+        else:
             logger.warning("abandoned stage work failed: %r", error)
 
 
@@ -460,6 +465,27 @@ def start_route(
     return calls
 
 
+class StageFailed(RayServeException):
+    """A deployment call raised.
+
+    Between replicas in Ray's throughput profile (handle calls over gRPC) the callee's exception
+    arrives as its own type (a ``RuntimeError`` from a model, say), not as the ``RayTaskError``
+    an actor call gives; callers catch this one type for "the stage failed" instead of catching
+    every exception, their own bugs included."""
+
+
+async def deployment_result(awaitable: Any, timeout_s: float) -> Any:
+    """``awaitable`` (one or more deployment responses) within ``timeout_s``; whatever the
+    callee raised comes out as :class:`StageFailed` (Ray's and Serve's errors, timeouts and
+    cancellation pass unchanged)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except (TimeoutError, RayError, RayServeException):
+        raise
+    except Exception as e:
+        raise StageFailed(f"a deployment call raised {type(e).__name__}") from e
+
+
 async def finish_route(
     calls: Sequence[DeploymentResponse], route: Sequence[Hop], timeout_s: float
 ) -> StageOutput:
@@ -472,9 +498,9 @@ async def finish_route(
     sinks = [calls[i] for i in Layout.sinks(route)]
     try:
         if len(sinks) == 1:
-            output: StageOutput = await asyncio.wait_for(sinks[0], timeout_s)
+            output: StageOutput = await deployment_result(sinks[0], timeout_s)
             return output
-        outputs = await asyncio.wait_for(asyncio.gather(*sinks), timeout_s)
+        outputs = await deployment_result(asyncio.gather(*sinks), timeout_s)
     except BaseException:
         for call in calls:
             call.cancel()

@@ -35,6 +35,13 @@ SERVE_ENV: dict[str, str] = {
     # (servecore.telemetry): Ray exports a histogram's sum from its buckets' midpoints, and its
     # default buckets (1, 2, 5, 10, 20, 50 ms, ...) leave a 20 ms request anywhere in 20-50.
     "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": ",".join(f"{b:g}" for b in LATENCY_MS_BUCKETS),
+    # A gateway replica that stops (app deleted, scaled down, replaced by a new version) keeps
+    # its direct-ingress port open this long so that load balancers in front of it deregister
+    # it first. Serve's 30 s default is sized for external ones (an ALB); here the only one in
+    # front of that port is the HAProxy on the same node, which has the new backends within a
+    # second (a long-poll update and a reload: 0.5 s in the logs). 5 s keeps a margin and takes
+    # 25 s off every ingress replica's stop (a redeploy, `serve shutdown`, each test module).
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 """How every process of a Serve cluster of this project runs: in the environment of the process
 that starts Ray (each Serve process reads these when it imports Serve). ``make serve`` exports

@@ -19,9 +19,12 @@ import asyncio
 import collections
 import contextvars
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -79,7 +82,23 @@ class Coalescer(Generic[Item, Result]):
             # first caller's context — under Serve that holds its request id, and cancelling that
             # request would cancel other callers' work.
             self._loop_task = asyncio.create_task(self._dispatch(), context=contextvars.Context())
+            self._loop_task.add_done_callback(self._dispatcher_ended)
         return await future
+
+    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
+        """The dispatcher never ends by itself: if it failed, every queued caller gets the error
+        now instead of waiting for ever (the next ``submit`` starts a new dispatcher)."""
+        error = None if task.cancelled() else task.exception()
+        if error is None and not task.cancelled():
+            return
+        logger.error("coalescer dispatcher ended: %r", error or "cancelled")
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                if error is None:
+                    pending.future.cancel()
+                else:
+                    pending.future.set_exception(error)
 
     def _queued_rows(self) -> int:
         return sum(p.size for p in self._queue if not p.future.done())
@@ -108,7 +127,9 @@ class Coalescer(Generic[Item, Result]):
                 self._running += 1
                 task = asyncio.create_task(self._run(batch))
                 self._tasks.add(task)  # the loop keeps only weak references to tasks
-                task.add_done_callback(self._tasks.discard)
+                # The slot is given back when the task ends, however it ends: a task cancelled
+                # before it first ran (every caller left at once) never runs its own code.
+                task.add_done_callback(self._batch_ended)
                 orphaned = functools.partial(self._abandon_if_orphaned, task, batch)
                 for pending in batch:
                     pending.future.add_done_callback(orphaned)
@@ -153,6 +174,8 @@ class Coalescer(Generic[Item, Result]):
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(e)
-        finally:
-            self._running -= 1
-            self._slot_freed.set()
+
+    def _batch_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._running -= 1
+        self._slot_freed.set()

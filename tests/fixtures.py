@@ -178,3 +178,46 @@ class Sleeper:
             raise
         self.record.write_text("finished")
         return "finished"
+
+
+def driver_handle(deployment: str, app: str) -> Any:
+    """A handle to ``deployment`` of ``app`` that blocking code (a test) can call.
+
+    The cluster runs in Ray's throughput profile, under which a handle's router shares the
+    caller's event loop; ``make test`` exports that profile to the test process too, and a test
+    has no running loop. A router loop of its own, as the job runner's threads use."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app)  # Serve caches it
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
+
+
+def await_knobs(app: str, wanted: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
+    """Wait until the app's gateway applies ``wanted`` (a subset of its ``user_config``, as
+    :class:`deployments.gateway.GatewayUserConfig` dumps it): Serve calls ``reconfigure`` a
+    moment after a deploy returns. Returns the knobs seen."""
+    gateway = driver_handle("Gateway", app)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        knobs: dict[str, Any] = gateway.current_knobs.remote().result(timeout_s=timeout_s)
+        if _contains(knobs, wanted):
+            return knobs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the gateway of {app} never applied {wanted}: {knobs}")
+        time.sleep(0.2)
+
+
+def _contains(found: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        return isinstance(found, dict) and all(
+            k in found and _contains(found[k], v) for k, v in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(found, list)
+            and len(found) == len(wanted)
+            and all(_contains(f, w) for f, w in zip(found, wanted, strict=True))
+        )
+    return bool(found == wanted)

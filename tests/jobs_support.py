@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 
 from tests.conftest import PIPELINE_GROUP, ROOT
@@ -121,3 +122,25 @@ def webhook_receiver(fail_first: int = 0) -> Iterator[tuple[str, type[Hooks]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def online(url: str, texts: list[str]) -> list[dict]:
+    """What ``/v1/predict`` answers for ``texts`` (64 at a time, cache bypassed)."""
+    out = []
+    for start in range(0, len(texts), 64):
+        response = httpx.post(
+            f"{url}/v1/predict",
+            json={"texts": texts[start : start + 64]},
+            headers={"Cache-Control": "no-cache"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        out += response.json()["predictions"]
+    return out
+
+
+def assert_same_answers(job_predictions: list[dict], expected: list[dict]) -> None:
+    assert [p["label"] for p in job_predictions] == [p["label"] for p in expected]
+    got = np.array([list(p["probabilities"].values()) for p in job_predictions])
+    want = np.array([list(p["probabilities"].values()) for p in expected])
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from bench import budget
@@ -115,29 +116,36 @@ def test_processes_are_named_by_role(cmdline, role):
 
 
 def test_the_memory_of_a_process_tree_counts_a_child_that_holds_memory():
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; b = bytearray(64 << 20); sys.stdin.read()"],
+    # A parent of its own whose one child holds 64 MiB: measured below that parent, so what
+    # else this test session started (a Ray cluster) stays out of the tree.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
+            "'import sys; b = bytearray(64 << 20); print(flush=True); sys.stdin.read()']); "
+            "sys.exit(child.wait())",
+        ],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
-        with PeakMemory(interval_s=0.05) as peak:
-            for _ in range(200):
-                snapshot = tree_memory()
-                if snapshot.pss_bytes > 64 << 20:
-                    break
-                time.sleep(0.05)
-            time.sleep(0.3)  # the sampler's next readings see it too
+        parent.stdout.readline()  # type: ignore[union-attr]  # the child wrote its 64 MiB
+        (child,) = psutil.Process(parent.pid).children()
+        with PeakMemory(interval_s=0.05, sample=lambda: tree_memory(parent.pid)) as peak:
+            snapshot = tree_memory(parent.pid)
+            time.sleep(0.3)  # the sampler's readings see it too
         assert snapshot.processes == 1
         assert snapshot.pss_bytes > 64 << 20  # the 64 MiB it wrote, plus the interpreter
         assert snapshot.rss_bytes >= snapshot.pss_bytes
-        assert tree_memory(exclude=[child.pid]).processes == 0
+        assert tree_memory(parent.pid, exclude=[child.pid]).processes == 0
         assert peak.peak.pss_bytes >= snapshot.pss_bytes * 0.9
         assert snapshot.to_dict()["pss_mib_by_role"] == {
             "Ray control plane and other": round(snapshot.pss_bytes / 2**20, 1)
         }
     finally:
-        child.stdin.close()  # type: ignore[union-attr]
-        child.wait(timeout=30)
+        parent.stdin.close()  # type: ignore[union-attr]
+        parent.wait(timeout=30)
 
 
 def test_a_settled_scrape_waits_until_the_count_stops_moving():

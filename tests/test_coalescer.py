@@ -171,3 +171,35 @@ async def test_max_wait_lets_a_batch_fill():
     tasks.append(asyncio.create_task(coalescer.submit("c")))
     assert await asyncio.wait_for(asyncio.gather(*tasks), 1) == ["A", "B", "C"]
     assert recorder.batches == [["a", "b", "c"]]
+
+
+async def test_a_batch_whose_callers_left_before_it_started_gives_its_slot_back():
+    """The batch task is cancelled before its first step (its only caller left at once): the
+    slot must come back all the same, or a one-slot coalescer would never run again."""
+    recorder = Recorder()
+    coalescer = Coalescer(recorder, max_batch_size=8, max_concurrent=1)
+    caller = asyncio.create_task(coalescer.submit("gone"))
+    for _ in range(3):  # the dispatcher takes the batch and creates its task; nothing ran it yet
+        await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await asyncio.wait_for(coalescer.submit("next"), 1) == "NEXT"
+    assert recorder.batches[-1] == ["next"]
+
+
+async def test_queued_callers_get_the_error_if_the_dispatcher_dies():
+    recorder = Recorder()
+    coalescer = Coalescer(recorder, max_batch_size=8, max_concurrent=1)
+    first = await _hold_first_batch(recorder, coalescer)
+    waiting = asyncio.create_task(coalescer.submit("b"))
+    await asyncio.sleep(0.01)
+
+    def broken() -> list:
+        raise RuntimeError("dispatcher bug")
+
+    coalescer._take_batch = broken  # type: ignore[method-assign]
+    recorder.release.set()  # the slot frees: the dispatcher tries to take a batch and fails
+    assert await first == "FIRST"
+    with pytest.raises(RuntimeError, match="dispatcher bug"):
+        await asyncio.wait_for(waiting, 1)

@@ -30,7 +30,7 @@ from servecore import LABELS
 from servecore.config_check import load_app_spec
 from servecore.experiments import FallbackConfig
 from tests.conftest import PIPELINE_GROUP, ROOT
-from tests.fixtures import fake_graph, write_script
+from tests.fixtures import await_knobs, fake_graph, write_script
 
 pytestmark = pytest.mark.serve
 
@@ -77,14 +77,9 @@ class Faulty:
             version="faults",
         )
         serve.run(graph, name=APP, route_prefix=f"/{APP}")
-        expected = FallbackConfig(**(fallback or {})).model_dump()
-        deadline = time.monotonic() + 30
-        while True:  # the new knobs reach the gateway replica a moment after the update returns
-            shown = _experiments(self.url)["fallback"]
-            if all(shown.get(k) == v for k, v in expected.items()):
-                break
-            assert time.monotonic() < deadline, (shown, expected)
-            time.sleep(0.2)
+        # The new knobs reach the gateway replica a moment after the update returns.
+        expected = FallbackConfig(**(fallback or {})).model_dump(mode="json")
+        await_knobs(APP, {"graph_timeout_s": graph_timeout_s, "fallback": expected})
 
     def act(self, **stages: dict[str, Any]) -> None:
         write_script(self.script, **stages)
@@ -302,17 +297,35 @@ def test_a_client_that_disconnects_cancels_the_rest_of_its_pipeline(faulty):
     it the cancelling below happens only when the replica learns of the disconnect."""
     faulty.deploy()
     ensemble_calls = faulty.calls("Ensemble")
+    stopped = _stopped_chains()
     faulty.act(LinearHead={"mode": "slow", "seconds": 4})
     with pytest.raises(httpx.ReadTimeout):
         _predict(_python_proxy_url(), timeout=1.0)  # httpx closes: the client is gone
     started = faulty.calls("LinearHead")
-    time.sleep(5.0)  # the head's sleep ends in 3 s; the ensemble would follow at once
+    # The head's sleep ends in 3 s; then the group's chain either stops (and logs it) or runs
+    # the next stages at once.
+    deadline = time.monotonic() + 30
+    while _stopped_chains() == stopped:
+        assert time.monotonic() < deadline, "the abandoned chain never stopped"
+        time.sleep(0.2)
     assert faulty.calls("Ensemble") == ensemble_calls, "the abandoned request still ran on"
     assert faulty.calls("LinearHead") == started
     # The same request with a patient client runs to the end (and so would have above).
     faulty.act(LinearHead={"mode": "slow", "seconds": 1})
     assert _predict(faulty.url).status_code == 200
     assert faulty.calls("Ensemble") == ensemble_calls + 1
+
+
+def _stopped_chains() -> int:
+    """Chains the faulty app's pipeline replicas stopped because every caller had left
+    (deployments.stage logs each), from the session's Serve logs."""
+    import ray
+
+    folder = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sum(
+        path.read_text(errors="replace").count("stage chain stopped: every caller went away")
+        for path in folder.glob(f"replica_{APP}_{PIPELINE_GROUP}_*.log")
+    )
 
 
 def test_clients_may_not_lift_the_proxys_timeout_or_disconnect_handling(faulty):

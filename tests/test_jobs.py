@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +21,9 @@ from servecore.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import PIPELINE_GROUP
 from tests.jobs_support import (
     SECRET,
+    assert_same_answers,
     jobs_config,
+    online,
     store_url,
     wait_job,
     wait_until,
@@ -46,28 +47,6 @@ def url(shipped_app, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
     return load_split("test")[0]
-
-
-def online(url: str, texts: list[str]) -> list[dict]:
-    """What ``/v1/predict`` answers for ``texts`` (64 at a time, cache bypassed)."""
-    out = []
-    for start in range(0, len(texts), 64):
-        response = httpx.post(
-            f"{url}/v1/predict",
-            json={"texts": texts[start : start + 64]},
-            headers={"Cache-Control": "no-cache"},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        out += response.json()["predictions"]
-    return out
-
-
-def assert_same_answers(job_predictions: list[dict], expected: list[dict]) -> None:
-    assert [p["label"] for p in job_predictions] == [p["label"] for p in expected]
-    got = np.array([list(p["probabilities"].values()) for p in job_predictions])
-    want = np.array([list(p["probabilities"].values()) for p in expected])
-    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def submit(url: str, body: dict, key: str | None = None) -> httpx.Response:

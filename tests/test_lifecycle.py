@@ -202,10 +202,8 @@ def fast_app(shipped_app, tmp_path_factory) -> str:
 def test_promote_and_rollback_under_load_fail_nothing_and_never_mix_versions(
     fast_app, second_linear, restore_aliases, tmp_path
 ):
-    from graphs.deploy import deploy
-
     url = fast_app
-    deploy(fast_polling_config(tmp_path))
+    apply(tmp_path, {})
     swaps_before = httpx.get(f"{url}/v1/models", timeout=10).json()["release_swaps"]
     first = str(get_client().get_model_version_by_alias(LINEAR, "champion").version)
     with Load(url) as load:
@@ -246,6 +244,16 @@ def test_promote_and_rollback_under_load_fail_nothing_and_never_mix_versions(
     assert not np.allclose(old, new, atol=1e-3)
 
 
+def apply(tmp_path: Path, knobs: dict[str, Any]) -> None:
+    """Deploy the gateway ``knobs`` (with one-second registry polls) and wait until its replica
+    applies them."""
+    from graphs.deploy import deploy
+    from tests.fixtures import await_knobs
+
+    deploy(fast_polling_config(tmp_path, knobs))
+    await_knobs("intent", {"registry_poll_s": 1.0, **knobs})
+
+
 def predict(url: str, texts: list[str], key: str | None = None, **headers: str) -> dict[str, Any]:
     if key is not None:
         headers["X-User-Key"] = key
@@ -278,18 +286,20 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
         ]
     }
     shadow = {"variant": "challenger", "fraction": 1.0}
-    deploy(fast_polling_config(tmp_path, {"experiment": split, "shadow": shadow}))
+    apply(tmp_path, {"experiment": split, "shadow": shadow})
     try:
         # Sticky: a key keeps its variant; each variant runs its own linear head version.
         keys: dict[str, str] = {}
         for i in range(64):
             keys.setdefault(predict(url, TEXTS, f"user-{i}")["variant"], f"user-{i}")
         assert set(keys) == {"champion", "challenger"}
+        labels: dict[str, list[str]] = {}
         for variant, key in keys.items():
             answers = [predict(url, TEXTS, key, **{"Cache-Control": "no-cache"}) for _ in range(4)]
             assert {a["variant"] for a in answers} == {variant}
             expected = second_linear if variant == "challenger" else first
             assert {linear_version(a) for a in answers} == {expected}
+            labels[variant] = [p["label"] for p in answers[0]["predictions"]]
 
         report = experiments(url)
         by_name = {v["name"]: v for v in report["variants"]}
@@ -306,12 +316,15 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
             time.sleep(0.5)
         shadowed = experiments(url)["shadow"]
         assert shadowed["requests"] >= 5 and shadowed["errors"] == 0
-        assert 0.5 <= shadowed["agreement"] <= 1.0  # a rescaled head mostly agrees
+        # Every shadowed request asked for TEXTS: agreement is exactly the share of them on
+        # which the two releases answer alike.
+        agreeing = [a == b for a, b in zip(labels["champion"], labels["challenger"], strict=True)]
+        assert shadowed["agreement"] == pytest.approx(sum(agreeing) / len(agreeing))
         assert shadowed["latency_diff_ms"]["mean"] is not None
 
         # Weights change live: everything to the challenger, no restart.
         split["variants"][0]["weight"] = 0
-        deploy(fast_polling_config(tmp_path, {"experiment": split}))
+        apply(tmp_path, {"experiment": split})
         assert {predict(url, TEXTS, f"user-{i}")["variant"] for i in range(20)} == {"challenger"}
         # A new split counts from zero (the traffic above was served under the 50/50 one).
         counted = {v["name"]: v["requests"] for v in experiments(url)["variants"]}
@@ -329,7 +342,7 @@ def test_ab_split_sticky_counted_live_shadowed_and_cached(
         }
         before = experiments(url)["shadow"]
         failing = {"variant": "broken", "fraction": 1.0}
-        deploy(fast_polling_config(tmp_path, {"experiment": split, "shadow": failing}))
+        apply(tmp_path, {"experiment": split, "shadow": failing})
         answers = [predict(url, [f"where is order {i}?"], f"s{i}") for i in range(10)]
         assert {a["variant"] for a in answers} == {"champion"}
         assert all(not a["degraded"] for a in answers)

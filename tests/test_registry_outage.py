@@ -83,7 +83,10 @@ def test_an_unreachable_store_at_start_up_fails_the_deployment_clearly_and_is_no
         deploy(store)  # nothing listens on the store's port yet
     messages = deployment_messages()
     assert f"the model registry at {store.uri} is unreachable" in messages, messages
-    assert httpx.get(f"{outage}/readyz", timeout=10).status_code != 200
+    # Not ready, and not merely absent: Serve says why (a 404 would also be "not 200").
+    ready = httpx.get(f"{outage}/readyz", timeout=10)
+    assert ready.status_code == 503, ready.text
+    assert "Gateway" in ready.text and "failed to deploy" in ready.text
 
 
 def test_a_store_lost_at_run_time_leaves_the_loaded_models_serving(store, outage):

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.serve
 APP = "jobs-redis"
 # A slow member keeps each job busy long enough for the backlog to be seen.
 SLOW_MEMBER = {"LinearHead": ("tests.fixtures:SlowModel", {"seconds": 0.25})}
-"""A slow head builds a backlog of jobs; the real bag-of-words model (kept from the spec) makes
+"""A slow head builds a backlog of jobs; the real bag-of-words model (taken from the spec) makes
 the answers differ from text to text, so a job's answers can be told from another's."""
 
 
@@ -109,7 +109,11 @@ def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict
             },
         },
     )
-    gateway = fake_graph(spec, SLOW_MEMBER, actor_options=options, job_runner=runner.bind())
+    bow = next(plan for plan in spec.stage_plans() if plan.deployment == "BagOfWords")
+    real_bow = {"BagOfWords": (bow.stage_class, bow.init_kwargs)}
+    gateway = fake_graph(
+        spec, {**SLOW_MEMBER, **real_bow}, actor_options=options, job_runner=runner.bind()
+    )
     serve.run(gateway, name=APP, route_prefix=f"/{APP}")
     yield f"{serve_instance.base_url}/{APP}", env
     serve.delete(APP)

@@ -180,6 +180,16 @@ class Sleeper:
         return "finished"
 
 
+def delete_app(name: str) -> None:
+    """Delete a test app without waiting out its gateway's drain period (5 s in
+    ``graphs.deploy.SERVE_ENV``, per ingress replica): its replicas ask for no CPU, so the next
+    module's app does not need them gone first, and the session's ``serve.shutdown`` waits for
+    whatever is still draining."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 def driver_handle(deployment: str, app: str) -> Any:
     """A handle to ``deployment`` of ``app`` that blocking code (a test) can call.
 

@@ -30,7 +30,7 @@ from servecore import LABELS
 from servecore.config_check import load_app_spec
 from servecore.experiments import FallbackConfig
 from tests.conftest import PIPELINE_GROUP, ROOT
-from tests.fixtures import await_knobs, fake_graph, write_script
+from tests.fixtures import await_knobs, delete_app, fake_graph, write_script
 
 pytestmark = pytest.mark.serve
 
@@ -101,12 +101,11 @@ def _shipped_health_check(deployment: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def faulty(serve_instance, tmp_path_factory) -> Iterator[Faulty]:
-    from ray import serve
 
     script = tmp_path_factory.mktemp("faults") / "script.json"
     write_script(script)
     yield Faulty(f"{serve_instance.base_url}/{APP}", script)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 @pytest.fixture(autouse=True)
@@ -168,7 +167,7 @@ def proxy_timeout_probe(serve_instance, tmp_path_factory) -> Iterator[Probe]:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         yield Probe(record, pool.submit(call))
-    serve.delete("sleeper")
+    delete_app("sleeper")
 
 
 # --- stage failures, deadlines and the fallback ----------------------------------------------

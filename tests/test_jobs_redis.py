@@ -20,7 +20,7 @@ from servecore.config_check import load_app_spec
 from servecore.dataset import load_split
 from servecore.settings import Settings, get_settings
 from tests.conftest import ROOT, free_port
-from tests.fixtures import fake_graph
+from tests.fixtures import delete_app, fake_graph
 from tests.jobs_support import (
     FAST_RUNNER,
     assert_same_answers,
@@ -116,7 +116,7 @@ def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict
     )
     serve.run(gateway, name=APP, route_prefix=f"/{APP}")
     yield f"{serve_instance.base_url}/{APP}", env
-    serve.delete(APP)
+    delete_app(APP)
     get_settings.cache_clear()
 
 

@@ -17,7 +17,7 @@ from servecore.dataset import load_split
 from servecore.registry import configure_mlflow
 from servecore.settings import get_settings
 from tests.conftest import ROOT
-from tests.fixtures import fake_graph
+from tests.fixtures import delete_app, fake_graph
 
 NAME = "intent-sklearn"
 
@@ -126,4 +126,4 @@ def test_a_pyfunc_member_added_by_uri_is_served_and_named(serve_instance, sklear
         expected = member({"text": np.asarray(texts, dtype=object)})["probs"]
         assert [p["label"] for p in body["predictions"]] == [LABELS[i] for i in expected.argmax(1)]
     finally:
-        serve.delete("pyfunc")
+        delete_app("pyfunc")

@@ -16,7 +16,7 @@ import pytest
 
 from servecore.config_check import load_app_spec
 from tests.conftest import ROOT, free_port
-from tests.fixtures import fake_graph
+from tests.fixtures import delete_app, fake_graph
 from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -33,10 +33,9 @@ def store(registry) -> Iterator[MlflowServer]:
 
 @pytest.fixture(scope="module")
 def outage(serve_instance) -> Iterator[str]:
-    from ray import serve
 
     yield f"{serve_instance.base_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def deploy(store: MlflowServer) -> None:

@@ -23,7 +23,7 @@ from hypothesis.errors import Unsatisfiable
 from servecore.auth import ApiKey, hash_key
 from servecore.config_check import load_app_spec
 from tests.conftest import ROOT
-from tests.fixtures import fake_graph
+from tests.fixtures import delete_app, fake_graph
 
 pytestmark = pytest.mark.serve
 
@@ -73,7 +73,7 @@ def secured(serve_instance):
     graph = fake_graph(spec, slow_head, gateway, options, gateway_options=queue)
     serve.run(graph, name=APP, route_prefix=f"/{APP}")
     yield f"{serve_instance.base_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def call(url: str, method: str, path: str, key: str | None = None, **kwargs) -> httpx.Response:

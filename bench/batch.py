@@ -210,7 +210,7 @@ def run_plain(config: Path, input_path: Path, output_path: Path, batch_size: int
     versions = {m["stage"]: f"{m['name']}/{m['version']}" for m in pipeline.models()}
     version_text = ",".join(f"{stage}={version}" for stage, version in versions.items())
     # The ensemble's label order, as batch.adapter.StageActor takes it for the job's columns.
-    labels = tuple(getattr(pipeline.stages[-1].model, "labels", LABELS))
+    labels = tuple(getattr(pipeline.model(pipeline.order[-1]), "labels", LABELS))
 
     stage_seconds: dict[str, float] = {}
     started = time.perf_counter()

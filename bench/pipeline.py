@@ -77,6 +77,11 @@ class InProcessPipeline:
         self.chain = StageChain(self.plans)
         self.order = tuple(plan.deployment for plan in self.plans)
 
+    def model(self, stage: str) -> Any:
+        """The loaded model class of ``stage`` (the tokenizer behind its lock)."""
+        model = self._models[stage]
+        return model.model if isinstance(model, _Locked) else model
+
     def models(self) -> list[dict[str, Any]]:
         """Registered model version behind every stage (as the gateway reports them)."""
         found = []

@@ -28,6 +28,21 @@ def test_in_process_pipeline_runs_the_registered_models(registry):
     ]
 
 
+def test_the_batch_benchmarks_plain_loop_scores_and_writes_every_row(registry, tmp_path):
+    import pyarrow.parquet as pq
+
+    from bench.batch import run_plain, write_input
+
+    texts = ["I was charged twice", "my parcel never arrived", "reset my password"]
+    source = write_input(texts, 10, tmp_path / "input.parquet")
+    result = run_plain(ROOT / "serve_config.yaml", source, tmp_path / "plain.parquet", 4)
+    assert result.rows == 10 and result.labels == tuple(LABELS)
+    assert set(result.model_versions) >= {"Encoder", "LinearHead", "MLPHead", "BagOfWords"}
+    written = pq.read_table(tmp_path / "plain.parquet").to_pydict()
+    assert written["label"][:3] == ["billing", "delivery", "account_access"]
+    assert len(written["label"]) == 10 and written["id"] == sorted(written["id"])
+
+
 def test_percentiles_in_milliseconds():
     stats = percentiles([0.001 * i for i in range(1, 101)])
     assert stats["p50_ms"] == pytest.approx(50.5)

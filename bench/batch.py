@@ -63,7 +63,8 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 FULL_TEXTS = 20_000
 QUICK_TEXTS = 2_000
-HEADLINE_TARGET = 0.90
+HEADLINE_TARGET = 0.95
+"""Issue 15: the steady state at least 0.95 of the plain loop (0.90 before)."""
 MIN_STEADY_FILES = 3
 """Output files needed for a steady-state rate: the first is left out as the pipeline fill, and
 two intervals are the least that says anything."""

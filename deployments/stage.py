@@ -320,10 +320,13 @@ class Stage:
         wanted = None if exports is None else tuple(exports)
         interest = Interest()
         try:
-            batch, infos = await self._run_batch((merged.batch, pinned, run, wanted, interest))
+            result = await self._run_batch((merged.batch, pinned, run, wanted, interest))
         except asyncio.CancelledError:
             interest.leave()  # the caller went away: see _run_chain
             raise
+        if isinstance(result, Exception):
+            raise result  # this call's kind failed (the others in its batch may not have)
+        batch, infos = result
         models = dict(merged.models)
         models.update(infos)
         return StageOutput(batch=batch, models=models)
@@ -331,39 +334,51 @@ class Stage:
     @serve.batch(
         max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES
     )
-    async def _run_batch(self, calls: list[Call]) -> list[tuple[Batch, dict[str, Any]]]:
-        results: list[tuple[Batch, dict[str, Any]] | None] = [None] * len(calls)
+    async def _run_batch(self, calls: list[Call]) -> list[tuple[Batch, dict[str, Any]] | Exception]:
+        results: list[tuple[Batch, dict[str, Any]] | Exception | None] = [None] * len(calls)
         # Calls pinned to different versions (during a swap, or an A/B test) or asking for
-        # different stages run as one batch per kind.
+        # different stages run as one batch per kind. A kind that fails (a version that cannot
+        # load, a model that raises) fails its own calls only: @serve.batch would hand one
+        # exception to every call of the batch, a shadow's broken version to the champion's too.
         kinds: dict[tuple[Any, ...], list[int]] = {}
         for i, (_, pins, run, wanted, _interest) in enumerate(calls):
             kinds.setdefault((pins, run, wanted), []).append(i)
         for (pins, run, wanted), members in kinds.items():
-            pin_of = dict(pins)
-            loaded = {name: await self.stages[name].model_for(pin_of.get(name)) for name in run}
-            batches = [calls[i][0] for i in members]
-            sizes = [num_rows(b) for b in batches]
-            self._recent_batches.append((len(batches), sum(sizes)))
-            timings: list[tuple[str, int, float]] = []
-            interests = [calls[i][4] for i in members]
-            output = await self._run_chain(
-                interests,
-                concat_batches(batches),
-                run,
-                {name: entry.model for name, entry in loaded.items()},
-                wanted,
-                timings,
-            )
-            if output is None:
-                for i in members:
-                    results[i] = ({}, {})  # nobody reads it: every caller has gone
-                continue
-            for stage, rows, seconds in timings:
-                self._observe(stage, loaded[stage], rows, seconds)
-            infos = {name: entry.info for name, entry in loaded.items() if entry.info is not None}
-            for i, part in zip(members, split_batch(output, sizes), strict=True):
-                results[i] = (part, infos)
+            try:
+                outputs = await self._run_kind([calls[i] for i in members], dict(pins), run, wanted)
+            except Exception as e:  # noqa: BLE001 - re-raised to this kind's callers
+                outputs = [e] * len(members)
+            for i, output in zip(members, outputs, strict=True):
+                results[i] = output
         return [r for r in results if r is not None]
+
+    async def _run_kind(
+        self,
+        calls: list[Call],
+        pin_of: dict[str, str],
+        run: tuple[str, ...],
+        wanted: tuple[str, ...] | None,
+    ) -> list[tuple[Batch, dict[str, Any]]]:
+        """One batch of calls that share pins, stages and exports, through the chain."""
+        loaded = {name: await self.stages[name].model_for(pin_of.get(name)) for name in run}
+        batches = [call[0] for call in calls]
+        sizes = [num_rows(b) for b in batches]
+        self._recent_batches.append((len(batches), sum(sizes)))
+        timings: list[tuple[str, int, float]] = []
+        output = await self._run_chain(
+            [call[4] for call in calls],
+            concat_batches(batches),
+            run,
+            {name: entry.model for name, entry in loaded.items()},
+            wanted,
+            timings,
+        )
+        if output is None:
+            return [({}, {})] * len(calls)  # nobody reads it: every caller has gone
+        for stage, rows, seconds in timings:
+            self._observe(stage, loaded[stage], rows, seconds)
+        infos = {name: entry.info for name, entry in loaded.items() if entry.info is not None}
+        return [(part, infos) for part in split_batch(output, sizes)]
 
     async def _run_chain(
         self, interests: Sequence[Interest], batch: Batch, *args: Any

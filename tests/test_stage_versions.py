@@ -80,3 +80,38 @@ def test_poll_ticks_follow_the_live_interval_and_pause_at_zero(monkeypatch):
         await asyncio.wait_for(anext(ticks), 1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_kind_that_fails_fails_only_its_own_calls_in_a_shared_batch():
+    """Calls pinned to a version that cannot load (a broken shadow, say) share a Serve batch with
+    the champion's calls; only theirs fail."""
+    import collections
+
+    import numpy as np
+
+    from deployments.stage import Interest, Stage
+
+    class Models:
+        async def model_for(self, pin: str | None) -> LoadedModel:
+            if pin == "broken":
+                raise FileNotFoundError("no MLmodel in the broken version's folder")
+            return LoadedModel(model=pin, info={"version": pin})
+
+    def chain(batch, run, models, wanted, timings, abandoned):
+        return {"answer": np.asarray([f"{models['Head']}:{t}" for t in batch["text"]])}
+
+    stage = Stage.func_or_class.__new__(Stage.func_or_class)
+    stage.stages = {"Head": Models()}
+    stage.chain = chain
+    stage.name = "Pipeline"
+    stage._recent_batches = collections.deque(maxlen=8)
+
+    def call(text: str, pin: str):
+        batch = {"text": np.asarray([text], dtype=object)}
+        return (batch, (("Head", pin),), ("Head",), None, Interest())
+
+    calls = [call("a", "v1"), call("b", "broken"), call("c", "v1")]
+    results = asyncio.run(Stage.func_or_class._run_batch.__wrapped__(stage, calls))
+    assert [r[0]["answer"].tolist() for r in (results[0], results[2])] == [["v1:a"], ["v1:c"]]
+    assert results[0][1] == {"Head": {"version": "v1"}}
+    assert isinstance(results[1], FileNotFoundError)

@@ -143,16 +143,18 @@ def main() -> int:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
 
-    try:  # the checkout's own Serve settings, where it has them
-        from graphs.deploy import serve_env
+    http_port = free_port
+    try:  # the checkout's own Serve settings and port choice, where it has them
+        from graphs.deploy import quiet_port, serve_env
 
-        os.environ.update(serve_env(free_port))
+        os.environ.update(serve_env())
+        http_port = quiet_port
     except ImportError:
         pass
     config = load_config(sys.argv[1] if len(sys.argv) > 1 else "serve_config.yaml")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        port = free_port()
+        port = http_port()
         start_serve(config, http_port=port)
         deploy(config)
         wait_ready(f"http://127.0.0.1:{port}")

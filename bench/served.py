@@ -100,7 +100,7 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
     env = {
         "RAY_AUTH_MODE": "disabled",
         # Serve as `make serve` runs it (before Ray starts: every Serve process reads it).
-        **serve_env(free_port),
+        **serve_env(),
         "INTENT_SERVING_API_KEYS": json.dumps([k.model_dump(exclude_none=True) for k in keys]),
     }
     with _environment(env):
@@ -113,7 +113,7 @@ def _serve_graph(config_path: str | Path, key: str) -> Iterator[ServedGraph]:
     import ray
     from ray import serve
 
-    from graphs.deploy import deploy, start_serve, wait_ready
+    from graphs.deploy import deploy, quiet_port, start_serve, wait_ready
     from servecore.config_check import load_config
 
     config = load_config(config_path)
@@ -131,7 +131,7 @@ def _serve_graph(config_path: str | Path, key: str) -> Iterator[ServedGraph]:
     try:
         session_dir = str(context.address_info.get("session_dir", "unknown"))
         logger.info("ray started (logs under %s)", session_dir)
-        port = free_port()
+        port = quiet_port()  # HAProxy binds it: outside the ephemeral range
         start_serve(config, http_port=port)
         base_url = f"http://{LOOPBACK}:{port}"
         deploy(config)

@@ -7,6 +7,8 @@ autoscaling, user_config); this path applies the whole file, so what is tested i
 from __future__ import annotations
 
 import copy
+import random
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,9 +59,33 @@ HAPROXY_PORT_VARIABLES = (
 port: two clusters on one machine (a test session and a benchmark, say) would fight over them."""
 
 
-def serve_env(free_port: Callable[[], int]) -> dict[str, str]:
-    """:data:`SERVE_ENV` for a private cluster, with HAProxy's fixed ports moved to free ones."""
-    return {**SERVE_ENV, **{name: str(free_port()) for name in HAPROXY_PORT_VARIABLES}}
+def quiet_port(rng: random.Random | None = None) -> int:
+    """A TCP port free on every address now and outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` may be handed out again once closed: Ray's own
+    processes (workers, agents) draw theirs from that range, and one took HAProxy's metrics port
+    between choosing it and HAProxy binding it, so HAProxy could not start (seen in CI). Below the
+    range only explicit binds compete."""
+    draw = rng or random.SystemRandom()
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = draw.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # noqa: S104 - a bind test; HAProxy binds the same
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {low} after 200 tries")
+
+
+def serve_env(port: Callable[[], int] = quiet_port) -> dict[str, str]:
+    """:data:`SERVE_ENV` for a private cluster, with HAProxy's fixed ports moved to free ones
+    (:func:`quiet_port` unless told otherwise)."""
+    return {**SERVE_ENV, **{name: str(port()) for name in HAPROXY_PORT_VARIABLES}}
 
 
 def start_serve(config: dict[str, Any], http_port: int | None = None) -> None:

@@ -97,13 +97,13 @@ def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterato
     import ray
     from ray import serve
 
-    from graphs.deploy import serve_env, start_serve
+    from graphs.deploy import quiet_port, serve_env, start_serve
     from servecore.config_check import load_config
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Serve as `make serve` runs it (HAProxy ingress, Ray's throughput profile; set before Ray
     # starts: every Serve process reads it at import), HAProxy's fixed ports moved to free ones.
-    os.environ.update(serve_env(free_port))
+    os.environ.update(serve_env())
     metrics_port = free_port()
     ray.init(
         address="local",
@@ -114,7 +114,7 @@ def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterato
         # Replicas import test fixtures (tests.fixtures) whatever directory pytest ran from.
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
-    port = free_port()
+    port = quiet_port()  # HAProxy binds it too: outside the ephemeral range, as serve_env's
     start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
     yield ServeInstance(
         base_url=f"http://127.0.0.1:{port}", http_port=port, metrics_port=metrics_port

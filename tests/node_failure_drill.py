@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -56,12 +55,6 @@ logger = logging.getLogger("node_failure_drill")
 
 Placement = dict[str, dict[str, int]]
 """Replicas per deployment and node."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def resource_of(deployment: str) -> str:
@@ -319,13 +312,13 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from cluster.local import node_args
-    from graphs.deploy import serve_env
+    from graphs.deploy import quiet_port, serve_env
 
     report: dict[str, Any] = {"ok": False}
     deployments = deployment_names()
     # Serve as shipped, HAProxy on ports of its own: the test session that started this process
     # runs a cluster of its own with HAProxy on the ports in the inherited environment.
-    os.environ.update(serve_env(free_port))
+    os.environ.update(serve_env())
     cluster = Cluster()
     load: Load | None = None
     try:
@@ -346,7 +339,7 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
         # Serve and every node down.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-        port = free_port()
+        port = quiet_port()  # HAProxy binds it: outside the ephemeral range
         started = time.monotonic()
         deploy(port, deployments, head.node_id)
         report["deploy_s"] = round(time.monotonic() - started, 1)

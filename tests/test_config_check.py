@@ -190,3 +190,21 @@ def test_make_serve_runs_serve_as_the_tests_and_the_benchmark_do():
         re.findall(r"^export (RAY_SERVE_\w+) \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
     )
     assert exported == SERVE_ENV
+
+
+def test_a_private_clusters_haproxy_ports_are_free_and_outside_the_ephemeral_range():
+    """Ports the kernel hands out for ``bind(0)`` are handed out again (Ray's processes draw
+    theirs there); HAProxy's come from below that range and are bindable when chosen."""
+    import random
+    import socket
+    from pathlib import Path
+
+    from graphs.deploy import HAPROXY_PORT_VARIABLES, quiet_port, serve_env
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    env = serve_env(lambda: quiet_port(random.Random(7)))
+    ports = [int(env[name]) for name in HAPROXY_PORT_VARIABLES]
+    assert all(1024 <= port < low for port in ports)
+    with socket.socket() as taken:  # a port in use is never chosen
+        taken.bind(("0.0.0.0", ports[0]))
+        assert quiet_port(random.Random(7)) != ports[0]

@@ -40,8 +40,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.loadgen import LOOPBACK, Protocol, free_port
 from bench.peers import MAX_BATCH_TEXTS, MAX_WAIT_S
 from servecore.registry import ModelRef
@@ -437,28 +435,21 @@ def _wait_ready(
     base_url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float
 ) -> None:
     """Until both the server and the model say ready; fails at once if the process exits."""
+    from graphs.deploy import wait_ready
+
+    def alive() -> None:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"MLServer exited with status {process.returncode} before it was ready; "
+                f"log tail:\n{_tail(log_path)}"
+            )
+
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    for path in ("/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready"):
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"MLServer exited with status {process.returncode} before it was ready; "
-                    f"log tail:\n{_tail(log_path)}"
-                )
-            try:
-                response = httpx.get(f"{base_url}{path}", timeout=10, trust_env=False)
-                if response.status_code == 200:
-                    break
-                last = f"{path}: {response.status_code} {response.text[:200]}"
-            except httpx.HTTPError as e:
-                last = f"{path}: {e!r}"
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"MLServer at {base_url} not ready after {timeout_s:.0f}s ({last}); "
-                    f"log tail:\n{_tail(log_path)}"
-                )
-            time.sleep(0.5)
+    try:
+        for path in ("/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready"):
+            wait_ready(base_url, max(0.5, deadline - time.monotonic()), path, still_alive=alive)
+    except TimeoutError as e:
+        raise TimeoutError(f"MLServer {e}; log tail:\n{_tail(log_path)}") from e
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

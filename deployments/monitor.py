@@ -174,20 +174,17 @@ class Monitor:
     ) -> np.ndarray:
         """The chunk's embeddings: those the answers brought, the rest computed through the
         application's own Tokenizer and Encoder stages, pinned to the version that answered."""
-        missing = [i for i, (_, _, _, embedding) in enumerate(chunk) if embedding is None]
-        computed: np.ndarray | None = None
+        rows = [embedding for _, _, _, embedding in chunk]
+        missing = [i for i, embedding in enumerate(rows) if embedding is None]
         if missing:
             texts = [chunk[i][1] for i in missing]
             pins = {"Tokenizer": pin, "Encoder": pin}
             calls = start_route(self.groups, self.route, text_batch(texts), pins)
             output = await finish_route(calls, self.route, EMBED_TIMEOUT_S)
-            computed = np.asarray(output.batch["embedding"], dtype=np.float32)
+            for i, row in zip(missing, output.batch["embedding"], strict=True):
+                rows[i] = row
             self._count("embedded", len(missing))
-        rows = []
-        filled = iter(computed if computed is not None else ())
-        for _, _, _, embedding in chunk:
-            rows.append(next(filled) if embedding is None else embedding)
-        return np.stack([np.asarray(r, dtype=np.float32) for r in rows])
+        return np.stack([np.asarray(row, dtype=np.float32) for row in rows])
 
     @staticmethod
     def _export(report: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 bootstrap: install
-	$(PY) -m servecore.bootstrap
+	$(PY) -m training.bootstrap
 
 serve: bootstrap validate
 	$(VENV)/bin/serve run serve_config.yaml

@@ -3,11 +3,12 @@ actor.
 
 ``map_batches(stage_actor_class(name), fn_constructor_kwargs=stage.constructor_kwargs(), ...)``
 builds the group's models once per actor (torch gets as many threads as the actor was granted
-CPUs), runs its stages one after another on each batch (:class:`servecore.graph.StageChain`, as
-the Serve wrapper does), feeding each the columns it reads and adding its outputs, renamed with the
-stage's ``output_prefix`` exactly as Serve renames them. Columns no later group needs are dropped
-on the way, each row's ``model_versions`` grows by every stage's registered version, and the last
-group turns the ensemble's output into the job's output columns. Ray Serve is never imported here.
+CPUs), runs its stages one after another on each batch
+(:class:`servecore.pipeline.graph.StageChain`, as the Serve wrapper does), feeding each the columns
+it reads and adding its outputs, renamed with the stage's ``output_prefix`` exactly as Serve renames
+them. Columns no later group needs are dropped on the way, each row's ``model_versions`` grows by
+every stage's registered version, and the last group turns the ensemble's output into the job's
+output columns. Ray Serve is never imported here.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import numpy as np
 
 from batch.plan import ID, TEXT, VERSIONS
 from servecore import LABELS
-from servecore.batching import Batch, num_rows
-from servecore.graph import StageChain
-from servecore.spec import GroupPlan
-from servecore.stages import build_stage
+from servecore.pipeline.batching import Batch, num_rows
+from servecore.pipeline.graph import StageChain
+from servecore.pipeline.spec import GroupPlan
+from servecore.pipeline.stages import build_stage
 
 logger = logging.getLogger(__name__)
 

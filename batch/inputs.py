@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from batch.plan import ID, TASK_CPUS, TEXT
-from servecore.schemas import MAX_TEXT_CHARS
+from servecore.api.schemas import MAX_TEXT_CHARS
 
 if TYPE_CHECKING:
     from ray.data import Dataset

@@ -18,7 +18,7 @@ from batch.adapter import probability_column
 from batch.pipeline import BatchPipeline, JobOptions, configure_progress
 from batch.plan import ID, TEXT
 from servecore import LABELS
-from servecore.schemas import MAX_TEXTS_PER_REQUEST
+from servecore.api.schemas import MAX_TEXTS_PER_REQUEST
 
 logger = logging.getLogger(__name__)
 

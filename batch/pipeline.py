@@ -38,7 +38,7 @@ from servecore.config_check import find_app, load_app_spec, load_config
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-    from servecore.spec import PipelineSpec
+    from servecore.pipeline.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
 

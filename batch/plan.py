@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from servecore.spec import GroupPlan, PipelineSpec, StagePlan
+from servecore.pipeline.spec import GroupPlan, PipelineSpec, StagePlan
 
 logger = logging.getLogger(__name__)
 

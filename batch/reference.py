@@ -3,9 +3,9 @@
 ``compute_reference`` pins the application's spec to the versions its aliases name right now, runs
 the training split through the same batch pipeline as ``python -m batch run`` (the same classes,
 one ``map_batches`` per stage), with the encoder's ``embedding`` column carried to the output, and
-builds a :class:`servecore.drift.ReferenceProfile` from the embeddings, the true labels and the
-predicted labels. ``attach_reference`` stores it in MLflow as an artifact of a model version's run
-(``drift/reference-<time>.json``) and tags every version of the release with its URI
+builds a :class:`servecore.monitoring.drift.ReferenceProfile` from the embeddings, the true labels
+and the predicted labels. ``attach_reference`` stores it in MLflow as an artifact of a model
+version's run (``drift/reference-<time>.json``) and tags every version of the release with its URI
 (``drift_reference``), which is where the monitor deployment finds it for the encoder it serves.
 
 The bootstrap calls this after it registers models; run it yourself after registering a version
@@ -26,10 +26,15 @@ from typing import Any
 import numpy as np
 
 from servecore import LABELS
-from servecore.drift import REFERENCE_ARTIFACT, REFERENCE_TAG, ReferenceProfile, build_profile
-from servecore.registry import get_client, parse_model_uri
-from servecore.releases import Release, spec_model_uris
-from servecore.spec import PipelineSpec
+from servecore.monitoring.drift import (
+    REFERENCE_ARTIFACT,
+    REFERENCE_TAG,
+    ReferenceProfile,
+    build_profile,
+)
+from servecore.pipeline.spec import PipelineSpec
+from servecore.registry.client import get_client, parse_model_uri
+from servecore.traffic.releases import Release, spec_model_uris
 
 logger = logging.getLogger(__name__)
 

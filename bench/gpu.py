@@ -342,7 +342,7 @@ def environment(device: str) -> dict[str, Any]:
 def run(options: RunOptions, output: Path) -> dict[str, Any]:
     import torch
 
-    from servecore.devices import resolve_device
+    from servecore.pipeline.devices import resolve_device
 
     device = str(resolve_device(options.device))
     options = RunOptions(**{**asdict(options), "device": device})

@@ -1,7 +1,7 @@
 """MLServer with adaptive batching as a benchmark peer: what many users would deploy instead.
 
 The peer serves the ``intent`` application's model classes (the same spec, the same registered
-versions, chained by :class:`servecore.graph.StageChain`) from MLServer, answering the Open
+versions, chained by :class:`servecore.pipeline.graph.StageChain`) from MLServer, answering the Open
 Inference Protocol (V2) at ``POST /v2/models/intent/infer``; MLServer's adaptive batching
 gathers concurrent requests with the micro-batching FastAPI peer's bounds
 (:data:`bench.peers.MAX_BATCH_TEXTS` requests, :data:`bench.peers.MAX_WAIT_S` seconds).
@@ -42,8 +42,8 @@ from typing import Any
 
 from bench.loadgen import LOOPBACK, Protocol, free_port
 from bench.peers import MAX_BATCH_TEXTS, MAX_WAIT_S
-from servecore.registry import ModelRef
-from servecore.spec import PipelineSpec
+from servecore.pipeline.spec import PipelineSpec
+from servecore.registry.client import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def runtime_parameters(spec: PipelineSpec, fetch: Fetch | None = None) -> dict[s
     with every ``model_uri`` replaced by the local folder of the version it names now, and those
     versions (reported in every response, as the gateway reports them)."""
     if fetch is None:
-        from servecore.registry import fetch
+        from servecore.registry.client import fetch
     folders: dict[str, tuple[ModelRef, Path]] = {}
     stages: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []

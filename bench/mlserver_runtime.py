@@ -6,8 +6,8 @@ torch and transformers but no MLflow): ``model-settings.json`` names it as the `
 model folders in place of registry URIs, and the registered versions behind them.
 
 :meth:`IntentRuntime.predict` takes one BYTES input ``text`` of shape ``[n]`` and runs the same
-model classes, chained by the same :class:`servecore.graph.StageChain`, as the Serve graph and
-the FastAPI peers; it answers ``label`` (BYTES ``[n]``) and ``probabilities`` (FP32 ``[n, 6]``),
+model classes, chained by the same :class:`servecore.pipeline.graph.StageChain`, as the Serve graph
+and the FastAPI peers; it answers ``label`` (BYTES ``[n]``) and ``probabilities`` (FP32 ``[n, 6]``),
 with the model versions and the merged call's size in the response's parameters. MLServer's
 adaptive batching merges concurrent requests into one call before it reaches
 :meth:`~IntentRuntime.predict`.
@@ -26,9 +26,9 @@ from mlserver import MLModel
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters, ResponseOutput
 
-from servecore.batching import text_batch
-from servecore.graph import PREDICTION, StageChain
-from servecore.spec import StagePlan, load_stage_class
+from servecore.pipeline.batching import text_batch
+from servecore.pipeline.graph import PREDICTION, StageChain
+from servecore.pipeline.spec import StagePlan, load_stage_class
 
 logger = logging.getLogger(__name__)
 

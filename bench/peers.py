@@ -37,15 +37,15 @@ from bench.loadgen import LOOPBACK, free_port
 from bench.pipeline import InProcessPipeline, load_spec
 from graphs.deploy import wait_ready
 from servecore import LABELS
-from servecore.batching import Batch, split_batch
-from servecore.http_errors import install_error_handlers
-from servecore.schemas import (
+from servecore.api.http_errors import install_error_handlers
+from servecore.api.schemas import (
     Health,
     ModelVersion,
     Prediction,
     PredictRequest,
     PredictResponse,
 )
+from servecore.pipeline.batching import Batch, split_batch
 
 logger = logging.getLogger(__name__)
 

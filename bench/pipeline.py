@@ -1,8 +1,8 @@
 """The intent pipeline in one process, without Ray: the compute ceiling and the peers' engine.
 
-The stages are built from the same :class:`~servecore.spec.PipelineSpec` the Serve graph is built
-from (``spec.stage_plans()``), and batches flow between them exactly as they do between the Serve
-deployments: ``dict[str, np.ndarray]`` in and out, member outputs renamed with their
+The stages are built from the same :class:`~servecore.pipeline.spec.PipelineSpec` the Serve graph is
+built from (``spec.stage_plans()``), and batches flow between them exactly as they do between the
+Serve deployments: ``dict[str, np.ndarray]`` in and out, member outputs renamed with their
 ``output_prefix``, the ensemble fed the merged member columns. Torch keeps the process's default
 thread count: nothing here calls ``torch.set_num_threads``.
 """
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from servecore.batching import Batch, text_batch
-from servecore.graph import PREDICTION, StageChain, Timings
-from servecore.spec import PipelineSpec, load_stage_class
+from servecore.pipeline.batching import Batch, text_batch
+from servecore.pipeline.graph import PREDICTION, StageChain, Timings
+from servecore.pipeline.spec import PipelineSpec, load_stage_class
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class _Locked:
 
 class InProcessPipeline:
     """Tokenizer → Encoder → members (heads on embeddings, text models on text) → Ensemble, every
-    stage in this process, chained by :class:`servecore.graph.StageChain` as one stage group of
-    the Serve graph or the batch pipeline runs them.
+    stage in this process, chained by :class:`servecore.pipeline.graph.StageChain` as one stage
+    group of the Serve graph or the batch pipeline runs them.
 
     Calling it with a list of texts returns the ensemble's batch (``probs``, ``label``). It may be
     called from several threads at once (the unbatched peer does): the tokenizer is serialised,

@@ -220,7 +220,7 @@ def budget_row(graph: Any, config: Path, texts: TextCycler, plan: Plan) -> dict[
     """A c=1 run of its own with the metrics scraped around it: the latency budget."""
     from bench import budget
     from bench.pipeline import APP_NAME, load_spec
-    from servecore.graph import PREDICTION, Layout
+    from servecore.pipeline.graph import PREDICTION, Layout
 
     route = [(hop.group, hop.stages) for hop in Layout(load_spec(config)).route(PREDICTION)]
     spec = dataclasses.replace(plan.single_text(1), headers=graph.headers)

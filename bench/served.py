@@ -66,7 +66,7 @@ class ServedGraph:
 def encoder_group(config_path: str | Path, app: str = APP_NAME) -> str:
     """Name of the deployment whose replicas run the encoder, in ``config_path``'s grouping."""
     from servecore.config_check import load_app_spec
-    from servecore.graph import Layout
+    from servecore.pipeline.graph import Layout
 
     return Layout(load_app_spec(config_path, app)).group_of[ENCODER]
 
@@ -91,7 +91,7 @@ def serve_graph(config_path: str | Path) -> Iterator[ServedGraph]:
     """Start a private Ray cluster, deploy ``config_path`` and wait for ``/readyz``; shut all down
     on exit, also when deploying or measuring failed."""
     from graphs.deploy import serve_env
-    from servecore.auth import ApiKey, hash_key, new_key
+    from servecore.api.auth import ApiKey, hash_key, new_key
 
     key = new_key()
     keys = [

@@ -11,10 +11,10 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from servecore.batching import Batch
-from servecore.devices import set_torch_threads
-from servecore.nets import HashedBagOfWords, hash_texts
-from servecore.registry import open_model
+from servecore.pipeline.batching import Batch
+from servecore.pipeline.devices import set_torch_threads
+from servecore.pipeline.nets import HashedBagOfWords, hash_texts
+from servecore.registry.client import open_model
 
 
 class BagOfWords:

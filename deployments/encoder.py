@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from servecore.batching import Batch
-from servecore.devices import resolve_device, set_torch_threads
-from servecore.registry import open_model
+from servecore.pipeline.batching import Batch
+from servecore.pipeline.devices import resolve_device, set_torch_threads
+from servecore.registry.client import open_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Weight precisions the encoder runs in. Half precision is for GPUs (the benchmark in

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from servecore import LABELS
-from servecore.batching import Batch
+from servecore.pipeline.batching import Batch
 
 
 class Ensemble:

@@ -1,15 +1,15 @@
 """The gateway: the FastAPI ingress deployment in front of the pipeline graph.
 
 Concurrent ``/v1/predict`` requests are coalesced into one graph call (see
-:mod:`servecore.coalescer` for why not ``@serve.batch`` here), so the downstream hops are paid per
-micro-batch instead of per request: on a 2-core machine each Serve hop costs milliseconds of CPU.
-Within a call every fan-out ``.remote()`` starts before anything is awaited, and responses flow from
-stage to stage without the gateway touching them.
+:mod:`servecore.traffic.coalescer` for why not ``@serve.batch`` here), so the downstream hops are
+paid per micro-batch instead of per request: on a 2-core machine each Serve hop costs milliseconds
+of CPU. Within a call every fan-out ``.remote()`` starts before anything is awaited, and responses
+flow from stage to stage without the gateway touching them.
 
-Every graph call runs on one :class:`~servecore.releases.Release` (the exact model versions behind
-the spec's aliases), pinned in each stage call, so an answer never mixes versions. A background
-task polls the registry and switches to a new release only once two polls agree and a warm-up call
-has gone through the whole graph on it; until then the old release answers.
+Every graph call runs on one :class:`~servecore.traffic.releases.Release` (the exact model versions
+behind the spec's aliases), pinned in each stage call, so an answer never mixes versions. A
+background task polls the registry and switches to a new release only once two polls agree and a
+warm-up call has gone through the whole graph on it; until then the old release answers.
 
 No ``from __future__ import annotations``: FastAPI must see real classes in the route signatures.
 """
@@ -36,38 +36,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.stage import StageOutput, deployment_result, finish_route, start_route
 from servecore import LABELS
-from servecore.auth import ANONYMOUS, Guard, KeyRing, LimitsConfig
-from servecore.batching import split_batch, text_batch
-from servecore.coalescer import Coalescer
-from servecore.errors import (
-    InvalidRequest,
-    JobsUnavailable,
-    ModelNotFound,
-    ModelUnavailable,
-    NotDeployed,
-    NotReady,
-    PipelineTimeout,
-    RegistryUnavailable,
-    TooManyTexts,
-)
-from servecore.experiments import (
-    CacheConfig,
-    CachedAnswer,
-    CircuitBreaker,
-    ExperimentConfig,
-    FallbackConfig,
-    ResponseCache,
-    ShadowConfig,
-    ShadowStats,
-    VariantStats,
-)
-from servecore.graph import EMBEDDING, PREDICTION, Layout
-from servecore.http_errors import error_response, install_error_handlers, request_id
-from servecore.jobs import JobState, JobStore, dataset_path, public_job
-from servecore.prediction_log import records as log_records
-from servecore.registry import registry_failure
-from servecore.releases import Release, poll_ticks, spec_model_uris
-from servecore.schemas import (
+from servecore.api.auth import ANONYMOUS, Guard, KeyRing, LimitsConfig
+from servecore.api.http_errors import error_response, install_error_handlers, request_id
+from servecore.api.schemas import (
     MAX_JOB_TEXTS,
     EmbeddingData,
     EmbeddingsRequest,
@@ -86,10 +57,39 @@ from servecore.schemas import (
     PromoteRequest,
     RollbackRequest,
 )
+from servecore.errors import (
+    InvalidRequest,
+    JobsUnavailable,
+    ModelNotFound,
+    ModelUnavailable,
+    NotDeployed,
+    NotReady,
+    PipelineTimeout,
+    RegistryUnavailable,
+    TooManyTexts,
+)
+from servecore.jobs.store import JobState, JobStore, dataset_path, public_job
+from servecore.jobs.webhooks import check_target, parse_networks
+from servecore.monitoring.prediction_log import records as log_records
+from servecore.monitoring.telemetry import metric
+from servecore.pipeline.batching import split_batch, text_batch
+from servecore.pipeline.graph import EMBEDDING, PREDICTION, Layout
+from servecore.pipeline.spec import PipelineSpec
+from servecore.registry.client import registry_failure
 from servecore.settings import get_settings
-from servecore.spec import PipelineSpec
-from servecore.telemetry import metric
-from servecore.webhooks import check_target, parse_networks
+from servecore.traffic.coalescer import Coalescer
+from servecore.traffic.experiments import (
+    CacheConfig,
+    CachedAnswer,
+    CircuitBreaker,
+    ExperimentConfig,
+    FallbackConfig,
+    ResponseCache,
+    ShadowConfig,
+    ShadowStats,
+    VariantStats,
+)
+from servecore.traffic.releases import Release, poll_ticks, spec_model_uris
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,7 +103,7 @@ STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
 
 MAX_CONCURRENT_BATCHES = 4
 READY_TIMEOUT_S = 10.0
-# Every route behind the guard may also answer 401, 403, 413 and 429 (servecore.auth).
+# Every route behind the guard may also answer 401, 403, 413 and 429 (servecore.api.auth).
 GUARD_CODES = (401, 403, 413, 429)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 422, 503, 504, *GUARD_CODES)
@@ -127,7 +127,7 @@ install_error_handlers(app)
 
 
 class _Policy:
-    """What :class:`~servecore.auth.Guard` enforces in this process, set by its Gateway replica
+    """What :class:`~servecore.api.auth.Guard` enforces in this process, set by its Gateway replica
     (keys from the settings at start-up, limits from ``user_config.limits`` live)."""
 
     keyring = KeyRing([])
@@ -276,7 +276,7 @@ class Gateway:
         if _Policy.keyring.open:
             logger.warning(
                 "NO API KEYS ARE CONFIGURED: every route is open to anyone who can reach this "
-                "port. Set INTENT_SERVING_API_KEYS (python -m servecore.auth new NAME) before "
+                "port. Set INTENT_SERVING_API_KEYS (python -m servecore.api.auth new NAME) before "
                 "exposing it."
             )
         else:
@@ -980,9 +980,9 @@ class Gateway:
     @app.post("/v1/admin/promote", responses=ERRORS)
     async def promote(self, body: PromoteRequest) -> Response:
         """Move ``alias`` of each model to the given version (all checked before any moves),
-        as ``python -m servecore.models promote`` does; every gateway follows within its poll
-        interval, or at once with ``/v1/admin/reload``."""
-        from servecore.models import promote
+        as ``python -m servecore.registry.models promote`` does; every gateway follows within its
+        poll interval, or at once with ``/v1/admin/reload``."""
+        from servecore.registry.models import promote
 
         moves = await asyncio.to_thread(
             self._registry_call, lambda: promote(list(body.versions.items()), body.alias)
@@ -992,7 +992,7 @@ class Gateway:
     @app.post("/v1/admin/rollback", responses=ERRORS)
     async def rollback(self, body: RollbackRequest) -> Response:
         """Move ``alias`` of each model back to the version it named before its last move."""
-        from servecore.models import rollback
+        from servecore.registry.models import rollback
 
         moves = await asyncio.to_thread(
             self._registry_call, lambda: rollback(body.models, body.alias)

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from servecore.batching import Batch
-from servecore.devices import resolve_device, set_torch_threads
-from servecore.nets import ClassifierHead as HeadNet
-from servecore.registry import open_model
+from servecore.pipeline.batching import Batch
+from servecore.pipeline.devices import resolve_device, set_torch_threads
+from servecore.pipeline.nets import ClassifierHead as HeadNet
+from servecore.registry.client import open_model
 
 
 class ClassifierHead:

@@ -1,8 +1,8 @@
 """The job runner: a Ray Serve task consumer that runs queued jobs (``POST /v1/jobs``).
 
 Built on Ray Serve's task processor (``ray.serve.task_consumer``, Celery underneath): the gateway
-stores a job (:mod:`servecore.jobs`) and sends its id to the queue; a runner replica's Celery worker
-thread takes the id and runs the job:
+stores a job (:mod:`servecore.jobs.store`) and sends its id to the queue; a runner replica's Celery
+worker thread takes the id and runs the job:
 
 - **texts** go through the *same* pipeline graph as online requests: the runner calls the
   gateway's ``classify_texts`` handle method a chunk at a time, so A/B variants, the pinned
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.task_consumer import task_handler
 
-from servecore.jobs import (
+from servecore.jobs.store import (
     JOB_STATES,
     Delivery,
     Job,
@@ -42,9 +42,9 @@ from servecore.jobs import (
     dataset_path,
     public_job,
 )
+from servecore.jobs.webhooks import WebhookPolicy, deliver, parse_networks, payload
+from servecore.monitoring.telemetry import metric
 from servecore.settings import Settings, get_settings
-from servecore.telemetry import metric
-from servecore.webhooks import WebhookPolicy, deliver, parse_networks, payload
 
 logger = logging.getLogger("ray.serve")
 

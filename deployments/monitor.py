@@ -3,12 +3,13 @@
 The gateway samples answered ``/v1/predict`` texts (``monitoring.sample_rate``) and sends them
 here in batches, without waiting for this replica. For each batch the monitor
 
-1. appends the records to the prediction log (:mod:`servecore.prediction_log`) in a worker thread,
-2. queues the texts for drift scoring: every ``embed_interval_s`` it embeds the queued texts
+1. appends the records to the prediction log (:mod:`servecore.monitoring.prediction_log`) in a
+worker thread, 2. queues the texts for drift scoring: every ``embed_interval_s`` it embeds the
+queued texts
    through the application's own ``Tokenizer`` and ``Encoder`` stages (the groups that hold them),
    pinned to the encoder version that answered them, scores each against that version's
    reference profile (stored in MLflow by :mod:`batch.reference`) and adds it to a sliding window
-   (:mod:`servecore.drift`).
+   (:mod:`servecore.monitoring.drift`).
 
 ``drift()`` reports the window (``GET /v1/monitoring/drift``) and every update sets the drift
 gauges. The window lives in this replica: keep ``num_replicas: 1`` (it is light) so the report
@@ -31,13 +32,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.stage import finish_route, start_route
-from servecore.batching import text_batch
-from servecore.drift import DriftSettings, DriftWindow, ReferenceProfile
-from servecore.graph import EMBEDDING, Layout
-from servecore.prediction_log import PredictionLog, PredictionLogConfig
+from servecore.monitoring.drift import DriftSettings, DriftWindow, ReferenceProfile
+from servecore.monitoring.prediction_log import PredictionLog, PredictionLogConfig
+from servecore.monitoring.telemetry import metric
+from servecore.pipeline.batching import text_batch
+from servecore.pipeline.graph import EMBEDDING, Layout
+from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
-from servecore.spec import PipelineSpec
-from servecore.telemetry import metric
 
 logger = logging.getLogger("ray.serve")
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from servecore import LABELS
-from servecore.batching import Batch
 from servecore.errors import RegistryError
-from servecore.registry import ModelRef, resolve
+from servecore.pipeline.batching import Batch
+from servecore.registry.client import ModelRef, resolve
 
 
 def to_probabilities(
@@ -73,7 +73,7 @@ class PyfuncMember:
     ) -> None:
         import mlflow.pyfunc
 
-        from servecore.registry import configure_mlflow
+        from servecore.registry.client import configure_mlflow
 
         if (model_uri is None) == (model_dir is None):
             raise ValueError("give exactly one of model_uri or model_dir")

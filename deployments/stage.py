@@ -4,19 +4,19 @@ A group is one or more stages of the pipeline spec that share a replica (``group
 one stage per group when it names none). Each replica builds every stage class of its group once,
 gathers concurrent calls with ``@serve.batch`` into one ``dict[str, np.ndarray]`` batch, runs the
 group's stages one after another on it in one worker thread (never on the event loop; no Ray hop
-between them, see :class:`servecore.graph.StageChain`) and hands each caller its rows back. A call
-names the stages to run and the columns to return (a route of :class:`servecore.graph.Layout`),
-so the embeddings route runs only the tokenizer and encoder of a group that holds them all.
-Outputs travel as :class:`StageOutput`, which carries the model versions that produced them so
-the gateway can name every version in its answer.
+between them, see :class:`servecore.pipeline.graph.StageChain`) and hands each caller its rows back.
+A call names the stages to run and the columns to return (a route of
+:class:`servecore.pipeline.graph.Layout`), so the embeddings route runs only the tokenizer and
+encoder of a group that holds them all. Outputs travel as :class:`StageOutput`, which carries the
+model versions that produced them so the gateway can name every version in its answer.
 
 Model versions: a stage with a registry model serves any *pinned* version of it
-(``models:/name/3``, see :mod:`servecore.releases`) that the caller names in ``pins``, keeping the
-most recently used few loaded (:class:`LoadedVersions`), so the release the gateway switched away
-from stays warm for a rollback and an A/B challenger sits beside the champion. A replica also polls
-each stage's alias and loads a new version in the background as soon as the alias moves, so that by
-the time the gateway switches releases every replica has it ready. Calls without a pin use the
-version the replica started with.
+(``models:/name/3``, see :mod:`servecore.traffic.releases`) that the caller names in ``pins``,
+keeping the most recently used few loaded (:class:`LoadedVersions`), so the release the gateway
+switched away from stays warm for a rollback and an A/B challenger sits beside the champion. A
+replica also polls each stage's alias and loads a new version in the background as soon as the alias
+moves, so that by the time the gateway switches releases every replica has it ready. Calls without a
+pin use the version the replica started with.
 
 Live knobs come through ``user_config`` (:class:`StageUserConfig`) and apply without a restart.
 """
@@ -39,13 +39,13 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from servecore.batching import Batch, concat_batches, num_rows, split_batch
-from servecore.graph import Abandoned, Hop, Layout, StageChain
-from servecore.registry import ModelRef, parse_model_uri
-from servecore.releases import pinned_uri, poll_ticks
-from servecore.spec import GroupPlan, StagePlan
-from servecore.stages import build_stage
-from servecore.telemetry import metric
+from servecore.monitoring.telemetry import metric
+from servecore.pipeline.batching import Batch, concat_batches, num_rows, split_batch
+from servecore.pipeline.graph import Abandoned, Hop, Layout, StageChain
+from servecore.pipeline.spec import GroupPlan, StagePlan
+from servecore.pipeline.stages import build_stage
+from servecore.registry.client import ModelRef, parse_model_uri
+from servecore.traffic.releases import pinned_uri, poll_ticks
 
 logger = logging.getLogger("ray.serve")
 
@@ -211,7 +211,7 @@ class StageModels:
     async def _watch_alias(self) -> None:
         """Preload the version the stage's alias names whenever it moves (never switch to it:
         which version answers is the caller's pin)."""
-        from servecore.registry import resolve
+        from servecore.registry.client import resolve
 
         assert self.model_uri is not None
         async for _ in poll_ticks(lambda: self.user_config.registry_poll_s):

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from servecore.batching import Batch
-from servecore.registry import open_model
+from servecore.pipeline.batching import Batch
+from servecore.registry.client import open_model
 
 
 class Tokenizer:

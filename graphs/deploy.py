@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from servecore.config_check import load_config
-from servecore.telemetry import LATENCY_MS_BUCKETS
+from servecore.monitoring.telemetry import LATENCY_MS_BUCKETS
 
 SERVE_ENV: dict[str, str] = {
     # HTTP goes from HAProxy straight to the gateway replica's own HTTP server, not through
@@ -34,8 +34,8 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_SERVE_LOG_TO_STDERR": "1",
     # Serve's request-latency histograms with the buckets of the project's own latency metrics
-    # (servecore.telemetry): Ray exports a histogram's sum from its buckets' midpoints, and its
-    # default buckets (1, 2, 5, 10, 20, 50 ms, ...) leave a 20 ms request anywhere in 20-50.
+    # (servecore.monitoring.telemetry): Ray exports a histogram's sum from its buckets' midpoints,
+    # and its default buckets (1, 2, 5, 10, 20, 50 ms, ...) leave a 20 ms request anywhere in 20-50.
     "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": ",".join(f"{b:g}" for b in LATENCY_MS_BUCKETS),
     # A gateway replica that stops (app deleted, scaled down, replaced by a new version) keeps
     # its direct-ingress port open this long so that load balancers in front of it deregister

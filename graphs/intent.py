@@ -21,9 +21,9 @@ from deployments.gateway import Gateway, GatewayUserConfig
 from deployments.job_runner import JobRunnerUserConfig, job_runner_deployment
 from deployments.monitor import Monitor, MonitorUserConfig
 from deployments.stage import Stage, StageUserConfig
-from servecore.graph import EMBEDDING, Layout
+from servecore.pipeline.graph import EMBEDDING, Layout
+from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
-from servecore.spec import PipelineSpec
 
 
 def build_app(args: PipelineSpec) -> Application:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from servecore.auth import ApiKey
+from servecore.api.auth import ApiKey
 
 
 def project_root() -> Path:
@@ -84,7 +84,8 @@ class Settings(BaseSettings):
 
     api_keys: list[ApiKey] = Field(default_factory=list)
     """The API keys, hashed: a JSON list of ``{"name", "hash", "scopes", ["rate_per_s", "burst"]}``
-    (``python -m servecore.auth new NAME`` makes one). Empty: every route is open (local use)."""
+    (``python -m servecore.api.auth new NAME`` makes one). Empty: every route is open (local
+    use)."""
 
     prediction_log_dir: Path | None = None
     """Where the monitor writes the prediction log (rotated JSON lines); default

@@ -52,8 +52,8 @@ class Registry:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A temporary MLflow store, bootstrapped once for the whole session."""
-    from servecore import bootstrap
     from servecore.dataset import load_split
+    from training import bootstrap
 
     home = tmp_path_factory.mktemp("registry")
     previous = os.environ.get("MLFLOW_TRACKING_URI")

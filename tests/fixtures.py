@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from servecore import LABELS
-from servecore.batching import Batch, num_rows
+from servecore.pipeline.batching import Batch, num_rows
 
 FAKE_STAGES = {
     "Tokenizer": ("tests.fixtures:FakeTokenizer", {}),
@@ -75,7 +75,7 @@ class ScriptedModel(UniformModel):
         self.calls = self.script.with_name(f"calls-{name}.log")
         self.inner = None
         if inner is not None:  # act as this stage class otherwise (e.g. the real ensemble)
-            from servecore.spec import load_stage_class
+            from servecore.pipeline.spec import load_stage_class
 
             self.inner = load_stage_class(inner)(**(inner_kwargs or {}))
 
@@ -132,7 +132,7 @@ def fake_graph(
 
     from deployments.gateway import Gateway
     from deployments.stage import Stage
-    from servecore.spec import GroupPlan
+    from servecore.pipeline.spec import GroupPlan
 
     options = actor_options or {"num_cpus": 0, "num_gpus": 0}
     chosen = {**FAKE_STAGES, **(overrides or {})}

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from servecore.auth import (
+from servecore.api.auth import (
     ApiKey,
     Guard,
     KeyRing,
@@ -26,7 +26,7 @@ from servecore.auth import (
     required_scope,
     route_path,
 )
-from servecore.http_errors import error_response, install_error_handlers
+from servecore.api.http_errors import error_response, install_error_handlers
 
 PREDICT_KEY = "isk_predict-only-key"
 OPS_KEY = "isk_ops-key-with-everything"

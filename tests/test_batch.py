@@ -22,9 +22,9 @@ from batch.parity import compare
 from batch.plan import RESERVED_CPUS, fit_to_cluster, plan_stages
 from bench.pipeline import InProcessPipeline, load_spec
 from servecore import LABELS
+from servecore.api.schemas import MAX_TEXT_CHARS
 from servecore.config_check import find_app, load_config
 from servecore.dataset import dataset_path
-from servecore.schemas import MAX_TEXT_CHARS
 from tests.conftest import ROOT
 
 CONFIG = ROOT / "serve_config.yaml"

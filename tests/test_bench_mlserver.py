@@ -19,7 +19,7 @@ import pytest
 from bench import mlserver_peer as peer
 from bench.loadgen import Protocol
 from bench.peers import MAX_BATCH_TEXTS, MAX_WAIT_S
-from servecore.registry import ModelRef
+from servecore.registry.client import ModelRef
 from tests.conftest import ROOT, STAGES
 
 # --- the protocol ------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_runtime_parameters_hand_folders_and_versions(tmp_path):
 
 
 def test_runtime_parameters_refuse_pyfunc_members(tmp_path):
-    from servecore.spec import PipelineSpec
+    from servecore.pipeline.spec import PipelineSpec
 
     spec = PipelineSpec(
         members=[

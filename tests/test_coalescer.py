@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from servecore.coalescer import Coalescer
+from servecore.traffic.coalescer import Coalescer
 
 
 class Recorder:

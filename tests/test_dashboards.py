@@ -2,9 +2,9 @@
 
 File checks only, no Ray and no network: the metrics docs hold the catalogue's table, the Grafana
 dashboard is what its generator writes, every metric a dashboard or alert query names exists (in
-``servecore.telemetry.CATALOGUE``, or among the Serve built-ins below, each of which must still be
-spelled so in the installed Ray Serve source), every catalogue metric is charted, and the Prometheus
-config scrapes Ray's service-discovery file.
+``servecore.monitoring.telemetry.CATALOGUE``, or among the Serve built-ins below, each of which must
+still be spelled so in the installed Ray Serve source), every catalogue metric is charted, and the
+Prometheus config scrapes Ray's service-discovery file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from cluster.grafana import build_dashboard
-from servecore.telemetry import CATALOGUE, MetricSpec, exported_name, markdown_table
+from servecore.monitoring.telemetry import CATALOGUE, MetricSpec, exported_name, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "intent-serving.json"

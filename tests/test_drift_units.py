@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from servecore.drift import (
+from servecore.monitoring.drift import (
     DriftSettings,
     DriftWindow,
     build_profile,
@@ -17,7 +17,12 @@ from servecore.drift import (
     nearest_centroid_similarity,
     total_variation,
 )
-from servecore.prediction_log import PredictionLog, PredictionLogConfig, records, text_hash
+from servecore.monitoring.prediction_log import (
+    PredictionLog,
+    PredictionLogConfig,
+    records,
+    text_hash,
+)
 
 LABELS = ["a", "b", "c"]
 
@@ -133,7 +138,7 @@ def test_prediction_log_hashes_by_default_and_rotates_by_count(tmp_path):
 
 
 def test_prediction_log_raw_keyed_omitted_disabled_and_rotated_by_age(tmp_path, monkeypatch):
-    from servecore import prediction_log
+    from servecore.monitoring import prediction_log
 
     log = PredictionLog(tmp_path / "raw", writer="w")
     log.configure(PredictionLogConfig(text="raw", rotate_s=60))

@@ -1,5 +1,5 @@
 """Traffic policies of the gateway as plain objects: variant assignment, counters, the circuit
-breaker and the response cache (``servecore/experiments.py``)."""
+breaker and the response cache (``servecore/traffic/experiments.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from servecore.experiments import (
+from servecore.traffic.experiments import (
     CacheConfig,
     CircuitBreaker,
     ExperimentConfig,

@@ -28,7 +28,7 @@ import pytest
 
 from servecore import LABELS
 from servecore.config_check import load_app_spec
-from servecore.experiments import FallbackConfig
+from servecore.traffic.experiments import FallbackConfig
 from tests.conftest import PIPELINE_GROUP, ROOT
 from tests.fixtures import await_knobs, delete_app, fake_graph, write_script
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from servecore.errors import IdempotencyConflict, InvalidRequest, JobFinished, JobNotFound
-from servecore.jobs import Delivery, JobStore
-from servecore.webhooks import (
+from servecore.jobs.store import Delivery, JobStore
+from servecore.jobs.webhooks import (
     SIGNATURE_HEADER,
     WebhookPolicy,
     check_target,

@@ -16,8 +16,8 @@ import pytest
 
 from batch.adapter import stage_of_actor
 from servecore.dataset import load_split
-from servecore.jobs import JobStore
-from servecore.webhooks import SIGNATURE_HEADER, verify
+from servecore.jobs.store import JobStore
+from servecore.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import PIPELINE_GROUP
 from tests.jobs_support import (
     SECRET,

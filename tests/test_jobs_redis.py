@@ -1,5 +1,5 @@
 """Jobs on the production broker: a real ``redis-server`` on 127.0.0.1, and runner replicas that
-scale with the job backlog (:class:`servecore.job_autoscaling.JobQueuePolicy`).
+scale with the job backlog (:class:`servecore.jobs.autoscaling.JobQueuePolicy`).
 
 The graph is the real gateway, stage wrapper and job runner around the fake stage classes of
 ``tests/fixtures.py`` (one of them slow), so the app deploys in seconds and jobs last long enough
@@ -104,7 +104,7 @@ def app(serve_instance, redis_url, tmp_path_factory) -> Iterator[tuple[str, dict
             "metrics_interval_s": 0.5,
             "look_back_period_s": 1,
             "policy": {
-                "policy_function": "servecore.job_autoscaling:JobQueuePolicy",
+                "policy_function": "servecore.jobs.autoscaling:JobQueuePolicy",
                 "policy_kwargs": {"store_url": store_url(env), "jobs_per_replica": 1},
             },
         },

@@ -1,5 +1,5 @@
 """Model lifecycle against a real MLflow store and real Serve deployments: alias moves through the
-``servecore.models`` commands, served live under load, and rolled back.
+``servecore.registry.models`` commands, served live under load, and rolled back.
 
 A second version of the linear head is registered for these tests (the first one's weights scaled,
 so its probabilities differ and every answer can be matched to the version it names). The
@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from servecore import models as cli
 from servecore.errors import RegistryError
-from servecore.registry import _local_path, get_client, pyfunc_artifact
+from servecore.registry import models as cli
+from servecore.registry.client import _local_path, get_client, pyfunc_artifact
 from tests.conftest import ROOT
 
 LINEAR = "intent-head-linear"

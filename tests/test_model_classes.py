@@ -13,9 +13,9 @@ from deployments.bag_of_words import BagOfWords
 from deployments.ensemble import Ensemble
 from deployments.heads import ClassifierHead
 from servecore import LABELS
-from servecore.batching import concat_batches, split_batch, text_batch
-from servecore.devices import resolve_device
-from servecore.nets import text_features
+from servecore.pipeline.batching import concat_batches, split_batch, text_batch
+from servecore.pipeline.devices import resolve_device
+from servecore.pipeline.nets import text_features
 
 
 def embed(minilm, texts):
@@ -90,7 +90,7 @@ def test_linear_head_maps_embeddings_to_a_distribution(tmp_path):
 
 
 def test_bag_of_words_learns_from_a_tiny_training_set(tmp_path):
-    from servecore.bootstrap import _save_net, train_bag_of_words
+    from training.bootstrap import _save_net, train_bag_of_words
 
     texts = [
         "charged twice on my card",

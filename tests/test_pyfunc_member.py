@@ -14,7 +14,7 @@ from deployments.pyfunc_member import PyfuncMember, to_probabilities
 from servecore import LABELS
 from servecore.config_check import load_app_spec
 from servecore.dataset import load_split
-from servecore.registry import configure_mlflow
+from servecore.registry.client import configure_mlflow
 from servecore.settings import get_settings
 from tests.conftest import ROOT
 from tests.fixtures import delete_app, fake_graph
@@ -94,7 +94,7 @@ def test_a_pyfunc_member_added_by_uri_is_served_and_named(serve_instance, sklear
     deploys in seconds): the others answer uniformly, so the ensemble's label is the member's."""
     from ray import serve
 
-    from servecore.spec import PipelineSpec
+    from servecore.pipeline.spec import PipelineSpec
 
     args = load_app_spec(ROOT / "serve_config.yaml", "intent").model_dump()
     args["members"].append(

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from servecore import LABELS, bootstrap
+from servecore import LABELS
 from servecore.errors import RegistryError, RegistryUnavailable
-from servecore.registry import fetch, get_client, parse_model_uri, resolve
+from servecore.registry.client import fetch, get_client, parse_model_uri, resolve
+from training import bootstrap
 
 MEMBERS = ("linear", "mlp", "bow")
 
@@ -100,7 +101,7 @@ def unreachable_store(registry, monkeypatch) -> Iterator[str]:
 def test_an_unreachable_store_is_unavailable_not_a_refusal_and_named_without_secrets(
     unreachable_store,
 ):
-    from servecore import models
+    from servecore.registry import models
 
     for call in (
         lambda: resolve("models:/intent-bow@champion"),

@@ -20,7 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from servecore.auth import ApiKey, hash_key
+from servecore.api.auth import ApiKey, hash_key
 from servecore.config_check import load_app_spec
 from tests.conftest import ROOT
 from tests.fixtures import delete_app, fake_graph

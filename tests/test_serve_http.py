@@ -24,7 +24,7 @@ import pytest
 
 from servecore import LABELS
 from servecore.dataset import load_split
-from servecore.telemetry import CATALOGUE, exported_name
+from servecore.monitoring.telemetry import CATALOGUE, exported_name
 from tests.conftest import PIPELINE_GROUP, ROOT, STAGES
 from tests.fixtures import await_knobs, driver_handle
 

@@ -66,7 +66,7 @@ def test_a_failed_load_is_not_cached_and_an_abandoned_one_still_is():
 
 
 def test_poll_ticks_follow_the_live_interval_and_pause_at_zero(monkeypatch):
-    from servecore import releases
+    from servecore.traffic import releases
 
     monkeypatch.setattr(releases, "IDLE_RECHECK_S", 0.01)
     interval = [0.0]

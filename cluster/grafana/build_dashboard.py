@@ -1,13 +1,13 @@
 """Writes ``intent-serving.json``, the Grafana dashboard of the serving platform (issue 6).
 
-It also refreshes the metrics table of ``docs/metrics.md`` from ``servecore.telemetry``, so one
-command brings both up to date after the catalogue changes.
+It also refreshes the metrics table of ``docs/metrics.md`` from ``servecore.monitoring.telemetry``,
+so one command brings both up to date after the catalogue changes.
 
 The dashboard charts Ray Serve's built-in metrics (HTTP traffic, latency, errors, replicas, the
-``@serve.batch`` queue) beside the model-level ones of ``servecore.telemetry.CATALOGUE``. Edit the
-panels here, then run ``python cluster/grafana/build_dashboard.py``: the output is deterministic,
-and ``tests/test_dashboards.py`` checks that the checked-in JSON matches it and that every metric
-a query names exists (in the catalogue, or in Ray Serve's source).
+``@serve.batch`` queue) beside the model-level ones of ``servecore.monitoring.telemetry.CATALOGUE``.
+Edit the panels here, then run ``python cluster/grafana/build_dashboard.py``: the output is
+deterministic, and ``tests/test_dashboards.py`` checks that the checked-in JSON matches it and that
+every metric a query names exists (in the catalogue, or in Ray Serve's source).
 
 Every query filters on the ``application`` variable; rates use Grafana's ``$__rate_interval``,
 ratios a fixed 5-minute window so that sparse events (cache hits, shadow comparisons) do not
@@ -535,7 +535,7 @@ def render() -> str:
 
 def refresh_docs_table(text: str) -> str:
     """``text`` (docs/metrics.md) with the table between its markers replaced by the catalogue's."""
-    from servecore.telemetry import markdown_table
+    from servecore.monitoring.telemetry import markdown_table
 
     start = text.index("-->", text.index(TABLE_START)) + len("-->")
     end = text.index(TABLE_END, start)

@@ -1,8 +1,8 @@
 """API keys with scopes, per-key rate limits and body-size limits, as one ASGI middleware.
 
 Keys are configured hashed (``INTENT_SERVING_API_KEYS``, a JSON list of :class:`ApiKey`); the
-plain key is shown once, by ``python -m servecore.auth new NAME --scopes predict,jobs``. A caller
-sends it as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+plain key is shown once, by ``python -m servecore.api.auth new NAME --scopes predict,jobs``. A
+caller sends it as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 
 :class:`Guard` answers, before the route runs and in the one error shape:
 
@@ -311,7 +311,7 @@ def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m servecore.auth",
+        prog="python -m servecore.api.auth",
         description="Make an API key. The key is printed once; store only the JSON entry (its "
         "hash) in INTENT_SERVING_API_KEYS, a JSON list of such entries.",
     )

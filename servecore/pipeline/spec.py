@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from servecore.registry import parse_model_uri
+from servecore.registry.client import parse_model_uri
 
 Device = Literal["auto", "cpu", "cuda"]
 _IDENTIFIER = r"^[a-z][a-z0-9_]{0,31}$"

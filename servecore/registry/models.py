@@ -1,18 +1,20 @@
-"""``python -m servecore.models list|promote|rollback``: move model aliases in the registry.
+"""``python -m servecore.registry.models list|promote|rollback``: move model aliases in the
+registry.
 
-Serving follows aliases (see :mod:`servecore.releases`): promoting a version is an alias move, and
-a running application picks it up within its poll interval without a restart. Every move through
-this command is remembered per alias in a tag of the registered model (``alias_history.<alias>``,
-the versions the alias pointed to before, newest last), so ``rollback`` knows where to go back to
-without the operator looking it up, and rolling back twice goes back two steps.
+Serving follows aliases (see :mod:`servecore.traffic.releases`): promoting a version is an alias
+move, and a running application picks it up within its poll interval without a restart. Every move
+through this command is remembered per alias in a tag of the registered model
+(``alias_history.<alias>``, the versions the alias pointed to before, newest last), so ``rollback``
+knows where to go back to without the operator looking it up, and rolling back twice goes back two
+steps.
 
 Examples::
 
-    python -m servecore.models list
-    python -m servecore.models promote intent-head-linear 2              # alias champion
-    python -m servecore.models promote intent-encoder=2 intent-head-linear=3   # one release
-    python -m servecore.models promote intent-head-mlp 4 --alias challenger
-    python -m servecore.models rollback intent-head-linear
+    python -m servecore.registry.models list
+    python -m servecore.registry.models promote intent-head-linear 2             # alias champion
+    python -m servecore.registry.models promote intent-encoder=2 intent-head-linear=3  # one release
+    python -m servecore.registry.models promote intent-head-mlp 4 --alias challenger
+    python -m servecore.registry.models rollback intent-head-linear
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from servecore.api.schemas import ALIAS_PATTERN
 from servecore.errors import RegistryError
-from servecore.registry import get_client, registry_failure
-from servecore.schemas import ALIAS_PATTERN
+from servecore.registry.client import get_client, registry_failure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -215,7 +217,7 @@ def _targets(items: Sequence[str]) -> list[tuple[str, str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m servecore.models",
+        prog="python -m servecore.registry.models",
         description="List registered models and move their aliases; serving follows the moves.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,

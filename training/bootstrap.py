@@ -1,6 +1,6 @@
 """Bootstrap the registry: train, evaluate, log and register the shipped models, alias ``champion``.
 
-``python -m servecore.bootstrap`` is idempotent: models that already have a ``champion`` are left
+``python -m training.bootstrap`` is idempotent: models that already have a ``champion`` are left
 alone, so a second run changes nothing: it only scores the registered models again and prints
 the table. Training is seeded.
 
@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from servecore import LABELS
-from servecore.batching import text_batch
 from servecore.dataset import load_split
 from servecore.errors import RegistryError, RegistryUnavailable
 from servecore.evaluation import accuracy, macro_f1
-from servecore.registry import get_client, registry_failure
+from servecore.pipeline.batching import text_batch
+from servecore.registry.client import get_client, registry_failure
 from servecore.settings import get_settings, project_root
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def train_head(kind: str, x: np.ndarray, labels: list[str]) -> tuple[Any, dict[s
     """Full-batch training of a linear or MLP head on embeddings (seeded, a few seconds on CPU)."""
     import torch
 
-    from servecore.nets import ClassifierHead
+    from servecore.pipeline.nets import ClassifierHead
 
     _seed()
     config = {"kind": kind, "input_dim": int(x.shape[1]), "hidden_dim": 256, "labels": list(LABELS)}
@@ -111,7 +111,7 @@ def train_head(kind: str, x: np.ndarray, labels: list[str]) -> tuple[Any, dict[s
 def train_bag_of_words(texts: list[str], labels: list[str]) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from servecore.nets import HashedBagOfWords, hash_texts
+    from servecore.pipeline.nets import HashedBagOfWords, hash_texts
 
     _seed()
     num_buckets = 1 << 18
@@ -247,7 +247,7 @@ class Bootstrapper:
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema, TensorSpec
 
-        from servecore import mlflow_models
+        from training import mlflow_models
 
         text_in = Schema([ColSpec("string", "text")])
         probs_out = Schema([TensorSpec(np.dtype(np.float32), (-1, len(LABELS)))])
@@ -349,7 +349,7 @@ class Bootstrapper:
 def default_members(config: Path, app: str) -> tuple[dict[str, float], dict[str, str]]:
     """Ensemble weights and member → registered-model names of an application in a config file."""
     from servecore.config_check import load_app_spec
-    from servecore.registry import parse_model_uri
+    from servecore.registry.client import parse_model_uri
 
     spec = load_app_spec(config, app)
     members = {m.name: parse_model_uri(m.model_uri)[0] for m in spec.members}
@@ -365,7 +365,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m servecore.bootstrap",
+        prog="python -m training.bootstrap",
         description="Train and register the shipped models the registry lacks (idempotent).",
     )
     parser.add_argument("--config", type=Path, default=project_root() / "serve_config.yaml")

@@ -4,7 +4,7 @@
 this package is installed. ``predict`` carries no type hints on purpose: MLflow would try to derive
 a schema from them, while each model is logged with an explicit signature. The serving stages do not
 go through pyfunc: they read the same artifacts directly (see
-:func:`servecore.registry.open_model`). Imported only by the bootstrap and by MLflow.
+:func:`servecore.registry.client.open_model`). Imported only by the bootstrap and by MLflow.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from servecore.batching import text_batch
+from servecore.pipeline.batching import text_batch
 
 
 def _texts(model_input: Any) -> list[str]:

@@ -186,7 +186,7 @@ class JobList(BaseModel):
 
 _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$"
-"""A registry alias as this project allows it (``servecore.models`` refuses others too)."""
+"""A registry alias as this project allows it (``servecore.registry.models`` refuses others too)."""
 
 
 class PromoteRequest(BaseModel):

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     parser = argparse.ArgumentParser(
-        prog="python -m servecore.webhooks",
+        prog="python -m servecore.jobs.webhooks",
         description="Receive job callbacks on 127.0.0.1 and check their signatures.",
     )
     parser.add_argument("--port", type=int, default=9000)

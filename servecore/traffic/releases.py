@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from servecore.registry import ModelRef, parse_model_uri, resolve
+from servecore.registry.client import ModelRef, parse_model_uri, resolve
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from servecore.spec import PipelineSpec
+    from servecore.pipeline.spec import PipelineSpec
 
 
 def pinned_uri(ref: ModelRef) -> str:
@@ -57,7 +57,7 @@ class Release:
         """The release of an A/B variant: every model at ``alias`` where it has that alias, the
         spec's own reference where it does not (a challenger usually replaces one model)."""
         from servecore.errors import RegistryError, RegistryUnavailable
-        from servecore.registry import get_client
+        from servecore.registry.client import get_client
 
         client = client or get_client()
         refs = []

@@ -41,7 +41,7 @@ class JobQueuePolicy:
             self._polled_at = now
             try:
                 if self._store is None:
-                    from servecore.jobs import JobStore
+                    from servecore.jobs.store import JobStore
                     from servecore.settings import get_settings
 
                     self._store = JobStore(self.store_url or get_settings().job_store)

@@ -1,7 +1,7 @@
 """Stage groups at run time: which groups a call visits, and the in-process chain inside one.
 
-Plain Python, no Ray. The spec's groups (:meth:`servecore.spec.PipelineSpec.group_plans`) say
-which stages share a replica. Every caller of the pipeline wants some columns: the gateway the
+Plain Python, no Ray. The spec's groups (:meth:`servecore.pipeline.spec.PipelineSpec.group_plans`)
+say which stages share a replica. Every caller of the pipeline wants some columns: the gateway the
 ensemble's ``label`` and ``probs``, the embeddings route and the drift monitor the encoder's
 ``embedding``, a fallback one member's probabilities. :meth:`Layout.route` turns a wish into hops:
 the groups to call, in order, each with the stages it must run (only those the wish needs), the
@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from servecore.batching import Batch
-from servecore.spec import GroupPlan, PipelineSpec, StagePlan
+from servecore.pipeline.batching import Batch
+from servecore.pipeline.spec import GroupPlan, PipelineSpec, StagePlan
 
 TEXT = "text"
 PREDICTION = ("probs", "label")

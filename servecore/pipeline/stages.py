@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any
 
-from servecore.spec import load_stage_class
+from servecore.pipeline.spec import load_stage_class
 
 
 def granted_cpus() -> int | None:

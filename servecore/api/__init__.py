@@ -1,0 +1,1 @@
+"""Protocol fronts and what every front shares: HTTP errors, request/response schemas, API keys."""

@@ -1,0 +1,2 @@
+"""Asynchronous jobs: the durable job store, webhook delivery and the runners' autoscaling
+policy."""

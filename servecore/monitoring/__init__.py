@@ -1,0 +1,1 @@
+"""Monitoring: metrics, the prediction log and input drift, all plain Python."""

@@ -1,0 +1,1 @@
+"""The MLflow model registry: resolving model URIs to local folders, and moving aliases."""

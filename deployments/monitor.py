@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stage import finish_route, start_route
 from servecore.monitoring.drift import DriftSettings, DriftWindow, ReferenceProfile
 from servecore.monitoring.prediction_log import PredictionLog, PredictionLogConfig
 from servecore.monitoring.telemetry import metric
@@ -39,6 +38,7 @@ from servecore.pipeline.batching import text_batch
 from servecore.pipeline.graph import EMBEDDING, Layout
 from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
+from servecore.traffic.routing import finish_route, start_route
 
 logger = logging.getLogger("ray.serve")
 

@@ -29,23 +29,21 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from servecore.monitoring.telemetry import metric
 from servecore.pipeline.batching import Batch, concat_batches, num_rows, split_batch
-from servecore.pipeline.graph import Abandoned, Hop, Layout, StageChain
+from servecore.pipeline.graph import Abandoned, StageChain
 from servecore.pipeline.spec import GroupPlan, StagePlan
 from servecore.pipeline.stages import build_stage
 from servecore.registry.client import ModelRef, parse_model_uri
 from servecore.traffic.releases import pinned_uri, poll_ticks
+from servecore.traffic.routing import StageOutput, merge_inputs
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,31 +63,10 @@ class StageUserConfig(BaseModel):
     """How often the replica checks its alias to preload a new version; 0 turns it off."""
 
 
-@dataclass
-class StageOutput:
-    """What a stage returns: the new columns for the caller's rows, and who computed them."""
-
-    batch: Batch
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
 def _torch_threads() -> int | None:
     """Torch's intra-op threads in this process, if the stage uses torch at all."""
     torch = sys.modules.get("torch")
     return None if torch is None else int(torch.get_num_threads())
-
-
-def merge_inputs(inputs: tuple[StageOutput | Batch, ...]) -> StageOutput:
-    """Several upstream outputs (the ensemble's members) become one batch and one version set."""
-    batch: Batch = {}
-    models: dict[str, dict[str, Any]] = {}
-    for item in inputs:
-        if isinstance(item, StageOutput):
-            batch.update(item.batch)
-            models.update(item.models)
-        else:
-            batch.update(item)
-    return StageOutput(batch=batch, models=models)
 
 
 @dataclass
@@ -454,70 +431,3 @@ class Stage:
             "mean_calls_per_batch": sum(calls) / len(calls) if calls else 0.0,
             "mean_rows_per_batch": sum(rows) / len(rows) if rows else 0.0,
         }
-
-
-def start_route(
-    handles: Mapping[str, DeploymentHandle],
-    route: Sequence[Hop],
-    texts: Batch,
-    pins: Mapping[str, str],
-) -> list[DeploymentResponse]:
-    """Start every group call of ``route`` at once: each is handed its upstream calls' responses
-    unawaited (Serve resolves them), so no result passes through the caller on the way."""
-    calls: list[DeploymentResponse] = []
-    for hop in route:
-        args: list[Any] = [calls[i] for i in hop.after]
-        if hop.reads_text:
-            args.append(texts)
-        calls.append(
-            handles[hop.group].remote(
-                *args,
-                pins={stage: pins[stage] for stage in hop.stages if stage in pins},
-                stages=hop.stages,
-                exports=hop.exports,
-            )
-        )
-    return calls
-
-
-class StageFailed(RayServeException):
-    """A deployment call raised.
-
-    Between replicas in Ray's throughput profile (handle calls over gRPC) the callee's exception
-    arrives as its own type (a ``RuntimeError`` from a model, say), not as the ``RayTaskError``
-    an actor call gives; callers catch this one type for "the stage failed" instead of catching
-    every exception, their own bugs included."""
-
-
-async def deployment_result(awaitable: Any, timeout_s: float) -> Any:
-    """``awaitable`` (one or more deployment responses) within ``timeout_s``; whatever the
-    callee raised comes out as :class:`StageFailed` (Ray's and Serve's errors, timeouts and
-    cancellation pass unchanged)."""
-    try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except (TimeoutError, RayError, RayServeException):
-        raise
-    except Exception as e:
-        raise StageFailed(f"a deployment call raised {type(e).__name__}") from e
-
-
-async def finish_route(
-    calls: Sequence[DeploymentResponse], route: Sequence[Hop], timeout_s: float
-) -> StageOutput:
-    """The route's answer within ``timeout_s``: its last hops' outputs, merged.
-
-    A route that times out, fails or is cancelled (its callers went away) cancels every group call
-    it started, not only those it awaits: a call still waiting for an upstream result that was
-    lost with its replica would otherwise stay queued, or keep being re-routed by Serve, for nobody.
-    """
-    sinks = [calls[i] for i in Layout.sinks(route)]
-    try:
-        if len(sinks) == 1:
-            output: StageOutput = await deployment_result(sinks[0], timeout_s)
-            return output
-        outputs = await deployment_result(asyncio.gather(*sinks), timeout_s)
-    except BaseException:
-        for call in calls:
-            call.cancel()
-        raise
-    return merge_inputs(tuple(outputs))

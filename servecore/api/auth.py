@@ -93,6 +93,10 @@ def required_scope(path: str) -> Scope | None | Literal["open"]:
         return "admin"
     if path.startswith(("/v1/predict", "/v1/embeddings", "/v1/models")):
         return "predict"
+    if path in ("/v2/health/live", "/v2/health/ready"):
+        return "open"
+    if path == "/v2" or path.startswith(("/v2/models", "/v2/repository")):
+        return "predict"
     return None  # the docs, the OpenAPI schema, unknown paths (which then answer 404)
 
 
@@ -178,6 +182,55 @@ class BodyTooLarge(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Denial:
+    """Why a call is refused, in no protocol's shape: its HTTP status, error type, message and
+    headers (``Retry-After``); gRPC fronts map the status to a gRPC code."""
+
+    status: int
+    error_type: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def admit(
+    keyring: KeyRing,
+    limits: LimitsConfig,
+    rates: RateLimiter,
+    presented: str | None,
+    needed: Scope | None,
+    what: str,
+) -> str | Denial:
+    """The caller's name when the presented key may make a call that needs ``needed`` (and its
+    rate allows one more), else the :class:`Denial`; ``what`` names the call in the refusal.
+    Every front checks keys through this one function."""
+    caller, rate, burst = ANONYMOUS, limits.rate_per_s, limits.burst
+    if not keyring.open:
+        if presented is None:
+            return Denial(
+                401,
+                "unauthorized",
+                "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            )
+        key = keyring.identify(presented)
+        if key is None:
+            return Denial(401, "unauthorized", "unknown API key")
+        if needed is not None and needed not in key.scopes:
+            return Denial(
+                403, "forbidden", f"this key may not use {what}: it needs the '{needed}' scope"
+            )
+        caller, rate, burst = key.name, key.rate_per_s or rate, key.burst or burst
+    wait = 0.0 if keyring.open else rates.take(caller, rate, burst)
+    if wait > 0:
+        return Denial(
+            429,
+            "rate_limited",
+            f"too many requests for {caller!r}: {rate:g}/s, bursts of {burst}; retry later",
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    return caller
+
+
 class Guard:
     """ASGI middleware; see the module docstring. ``render(status, type, message, headers,
     scope)`` builds the error response (the app's one error shape)."""
@@ -188,12 +241,14 @@ class Guard:
         keyring: Callable[[], KeyRing],
         limits: Callable[[], LimitsConfig],
         render: Callable[..., Any],
+        rates: RateLimiter | None = None,
     ) -> None:
         self.app = app
         self.keyring = keyring
         self.limits = limits
         self.render = render
-        self.rates = RateLimiter()
+        self.rates = rates or RateLimiter()
+        """Shared with the gRPC front when given: a caller's rate is one budget over both."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -215,40 +270,18 @@ class Guard:
         if needed == "open":
             await self.app(scope, receive, send)
             return
-        keyring, limits = self.keyring(), self.limits()
-        caller, rate, burst = ANONYMOUS, limits.rate_per_s, limits.burst
-        if not keyring.open:
-            presented = presented_key(headers)
-            if presented is None:
-                return await self._deny(
-                    scope,
-                    send,
-                    401,
-                    "unauthorized",
-                    "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                )
-            key = keyring.identify(presented)
-            if key is None:
-                return await self._deny(scope, send, 401, "unauthorized", "unknown API key")
-            if needed is not None and needed not in key.scopes:
-                return await self._deny(
-                    scope,
-                    send,
-                    403,
-                    "forbidden",
-                    f"this key may not use {path}: it needs the '{needed}' scope",
-                )
-            caller, rate, burst = key.name, key.rate_per_s or rate, key.burst or burst
-        wait = 0.0 if keyring.open else self.rates.take(caller, rate, burst)
-        if wait > 0:
+        limits = self.limits()
+        admitted = admit(self.keyring(), limits, self.rates, presented_key(headers), needed, path)
+        if isinstance(admitted, Denial):
             return await self._deny(
                 scope,
                 send,
-                429,
-                "rate_limited",
-                f"too many requests for {caller!r}: {rate:g}/s, bursts of {burst}; retry later",
-                {"Retry-After": str(max(1, math.ceil(wait)))},
+                admitted.status,
+                admitted.error_type,
+                admitted.message,
+                admitted.headers or None,
             )
+        caller = admitted
         scope.setdefault("state", {})["caller"] = caller
         limit = limits.max_job_body_bytes if path.startswith("/v1/jobs") else limits.max_body_bytes
         declared = headers.get(b"content-length")

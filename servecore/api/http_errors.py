@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,7 +43,25 @@ def error_response(
     return _render(error, Request(scope))
 
 
+Shape = Callable[[ServingError, Request], JSONResponse]
+"""Renders an error in one protocol's own shape."""
+
+_SHAPES: dict[str, Shape] = {}
+"""Path prefix → the error shape of the protocol served under it (OIP v2's ``{"error": ...}``
+under ``/v2/``); every other path answers in DESIGN contract 7's shape."""
+
+
+def register_error_shape(prefix: str, shape: Shape) -> None:
+    """Render errors of requests under ``prefix`` with ``shape`` (route, validation and guard
+    errors alike)."""
+    _SHAPES[prefix] = shape
+
+
 def _render(error: ServingError, request: Request) -> JSONResponse:
+    path = request.url.path
+    for prefix, shape in _SHAPES.items():
+        if path.startswith(prefix):
+            return shape(error, request)
     # Serve itself echoes the request id in the X-Request-ID response header.
     return JSONResponse(
         error.body(request_id(request)), status_code=error.status_code, headers=error.headers

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from servecore.errors import RegistryError, RegistryUnavailable
+from servecore.errors import ModelNotFound, RegistryError, RegistryUnavailable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -133,6 +133,22 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
     except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
         raise registry_failure(e, f"cannot resolve {uri!r}") from e
     return ModelRef(name=name, version=str(mv.version), uri=uri, aliases=tuple(mv.aliases or ()))
+
+
+def pinned_version_uri(uri: str, version: str) -> str:
+    """``models:/name/<version>`` of the model ``uri`` names, once the registry confirms it
+    holds that version; one it does not hold is :class:`~servecore.errors.ModelNotFound`."""
+
+    name = parse_model_uri(uri)[0]
+    if not version.isdigit():
+        raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are numbers")
+    try:
+        ref = resolve(f"models:/{name}/{version}")
+    except RegistryUnavailable:
+        raise
+    except RegistryError as e:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}") from e
+    return f"models:/{ref.name}/{ref.version}"
 
 
 def _local_path(location: str) -> Path | None:

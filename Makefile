@@ -26,7 +26,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+# OIP v2 gRPC stubs, compiled from the .proto with the project's grpcio-tools (build outputs).
+PROTO := servecore/api/proto/inference.proto
+STUBS := servecore/api/proto/inference_pb2.py servecore/api/proto/inference_pb2_grpc.py
+
+$(STUBS) &: $(PROTO) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+install: $(VENV)/.installed $(STUBS)
 
 bootstrap: install
 	$(PY) -m training.bootstrap

@@ -23,6 +23,7 @@ from servecore.api import v1 as rest_v1
 from servecore.api.app import app
 from servecore.api.auth import KeyRing, LimitsConfig
 from servecore.api.jobs import JobDesk, JobsConfig
+from servecore.api.v2_grpc import InferenceServicer
 from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
 from servecore.traffic.core import TrafficConfig, TrafficCore
@@ -40,7 +41,7 @@ class GatewayUserConfig(TrafficConfig):
 
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
-class Gateway:
+class Gateway(InferenceServicer):
     def __init__(
         self,
         spec: dict[str, Any],

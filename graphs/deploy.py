@@ -88,8 +88,10 @@ def serve_env(port: Callable[[], int] = quiet_port) -> dict[str, str]:
     return {**SERVE_ENV, **{name: str(port()) for name in HAPROXY_PORT_VARIABLES}}
 
 
-def start_serve(config: dict[str, Any], http_port: int | None = None) -> None:
-    """Start Serve on the connected Ray cluster with the config's HTTP options."""
+def start_serve(
+    config: dict[str, Any], http_port: int | None = None, grpc_port: int | None = None
+) -> None:
+    """Start Serve on the connected Ray cluster with the config's HTTP and gRPC options."""
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
@@ -97,8 +99,12 @@ def start_serve(config: dict[str, Any], http_port: int | None = None) -> None:
     http_options = schema.http_options.model_dump()
     if http_port is not None:
         http_options["port"] = http_port
+    grpc_options = schema.grpc_options.model_dump()
+    if grpc_port is not None:
+        grpc_options["port"] = grpc_port
     serve_api.serve_start(
         http_options=http_options,
+        grpc_options=grpc_options,
         proxy_location=schema.proxy_location,
         global_logging_config=schema.logging_config,
     )

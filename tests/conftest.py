@@ -31,7 +31,7 @@ STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemb
 PIPELINE_GROUP = "Pipeline"
 """The shipped config's one stage group: its deployment (and Ray Data pool) runs every stage."""
 SHIPPED_APP = "intent"
-SHIPPED_APP_MODULES = ("test_serve_http", "test_lifecycle", "test_jobs")
+SHIPPED_APP_MODULES = ("test_serve_http", "test_oip", "test_lifecycle", "test_jobs")
 """Modules that share the shipped app, in the order they run. ``test_serve_http`` comes first: its
 parity gate wants the encoder at one replica (the other CPU runs Ray Data) and its drift tests an
 unused monitor. ``test_jobs`` comes last: it caps the encoder at one replica for dataset jobs."""
@@ -76,6 +76,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 class ServeInstance:
     base_url: str
     http_port: int
+    grpc_target: str
+    """host:port of the OIP v2 gRPC ingress."""
     metrics_port: int
 
 
@@ -115,9 +117,13 @@ def serve_instance(registry: Registry, jobs_settings: dict[str, str]) -> Iterato
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
     port = quiet_port()  # HAProxy binds it too: outside the ephemeral range, as serve_env's
-    start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
+    grpc_port = quiet_port()
+    start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port, grpc_port=grpc_port)
     yield ServeInstance(
-        base_url=f"http://127.0.0.1:{port}", http_port=port, metrics_port=metrics_port
+        base_url=f"http://127.0.0.1:{port}",
+        http_port=port,
+        metrics_port=metrics_port,
+        grpc_target=f"127.0.0.1:{grpc_port}",
     )
     serve.shutdown()
     ray.shutdown()

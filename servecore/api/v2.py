@@ -64,6 +64,35 @@ class InferenceRequest(BaseModel):
     outputs: list[OutputWish] | None = Field(default=None, max_length=8)
 
 
+class V2Error(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": V2Error} for code in (400, 401, 403, 404, 413, 429, 503, 504)
+}
+OPEN_ERRORS: dict[int | str, dict[str, Any]] = {503: {"model": V2Error}}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined, for ``openapi_extra`` (which cannot
+    reach a model's local definitions)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status_code=status, media_type="application/json")
 
@@ -73,25 +102,25 @@ async def live() -> Response:
     return _json({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=OPEN_ERRORS)
 async def ready() -> Response:
     await services().core.check_ready()
     return _json({"ready": True})
 
 
-@router.get("")
+@router.get("", responses=ERRORS)
 async def server_metadata() -> Response:
     return _json(oip.server_metadata())
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", responses=ERRORS)
+@router.get("/models/{name}/versions/{version}", responses=ERRORS)
 async def model_metadata(name: str, version: str | None = None) -> Response:
     return _json(await oip.metadata(services().core, name, version))
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", responses=ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", responses=ERRORS)
 async def model_ready(name: str, version: str | None = None) -> Response:
     core = services().core
     model = oip.find_model(core, name)
@@ -103,13 +132,34 @@ async def model_ready(name: str, version: str | None = None) -> Response:
     return _json({"name": name, "ready": True})
 
 
-@router.post("/repository/index")
+@router.post("/repository/index", responses=ERRORS)
 async def repository_index() -> Response:
     return _json(await oip.repository_index(services().core))  # type: ignore[arg-type]
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
+        },
+    }
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {
+        "description": "The outputs; with binary data, the JSON header then the tensors' bytes",
+        "content": {"application/json": {}, "application/octet-stream": {}},
+    },
+}
+
+
+@router.post("/models/{name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    responses=INFER_RESPONSES,
+    openapi_extra=INFER_BODY,
+)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     core = services().core
     raw = await request.body()

@@ -1,0 +1,231 @@
+"""Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``), through Serve's gRPC
+ingress: Serve calls the ingress deployment's method named after the RPC, so the gateway inherits
+:class:`InferenceServicer` and these methods are this front.
+
+API keys come as metadata (``authorization: Bearer <key>`` or ``x-api-key``), checked and rate
+limited by the same :func:`servecore.api.auth.admit` as HTTP, on one rate budget per caller.
+``x-user-key`` and ``cache-control: no-cache`` mean what the HTTP headers mean. Errors are gRPC
+status codes with the message as details: ``UNAUTHENTICATED``, ``PERMISSION_DENIED``,
+``INVALID_ARGUMENT``, ``NOT_FOUND``, ``RESOURCE_EXHAUSTED`` (rate or size limits),
+``UNAVAILABLE`` (retry), ``DEADLINE_EXCEEDED``; anything unexpected is ``INTERNAL`` with no
+details beyond "internal error" (it is logged here).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from ray.serve.grpc_util import RayServegRPCContext
+
+from servecore.api import context, oip
+from servecore.api.auth import Denial, admit
+from servecore.api.proto import inference_pb2 as pb
+from servecore.errors import InvalidRequest, NotReady, ServingError
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+"""The HTTP status of a :class:`~servecore.errors.ServingError` → its gRPC code."""
+
+
+def _metadata(grpc_context: RayServegRPCContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in grpc_context.invocation_metadata() if isinstance(v, str)}
+
+
+def _presented_key(metadata: dict[str, str]) -> str | None:
+    auth = metadata.get("authorization", "").strip()
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return metadata.get("x-api-key", "").strip() or None
+
+
+def _fail(grpc_context: RayServegRPCContext, code: grpc.StatusCode, message: str, empty: T) -> T:
+    grpc_context.set_code(code)
+    grpc_context.set_details(message)
+    return empty
+
+
+async def _guarded(
+    grpc_context: RayServegRPCContext,
+    rpc: str,
+    empty: T,
+    call: Callable[[dict[str, str]], Awaitable[T]],
+    open_call: bool = False,
+) -> T:
+    """Check the caller's key (unless ``open_call``), run ``call`` with the metadata and turn
+    every error into a status code on ``grpc_context`` (``empty`` is what goes back with it)."""
+    metadata = _metadata(grpc_context)
+    if not open_call:
+        found = context.services()
+        admitted = admit(
+            found.keyring, found.limits, context.RATES, _presented_key(metadata), "predict", rpc
+        )
+        if isinstance(admitted, Denial):
+            return _fail(grpc_context, CODES[admitted.status], admitted.message, empty)
+    try:
+        return await call(metadata)
+    except ServingError as e:
+        return _fail(
+            grpc_context, CODES.get(e.status_code, grpc.StatusCode.UNKNOWN), e.message, empty
+        )
+    except Exception:
+        logger.exception("unhandled error in gRPC %s", rpc)
+        return _fail(grpc_context, grpc.StatusCode.INTERNAL, "internal error", empty)
+
+
+def _parameter(value: bool | int | str) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    return pb.InferParameter(string_param=str(value))
+
+
+def _texts(request: pb.ModelInferRequest, limit: int) -> list[str]:
+    if len(request.inputs) != 1:
+        raise InvalidRequest(f"expected one input, {oip.INPUT!r}; got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if len(request.raw_input_contents) > 1:
+        raise InvalidRequest("raw_input_contents holds more entries than there are inputs")
+    if request.raw_input_contents:
+        raw = request.raw_input_contents[0]
+        if len(raw) > limit:
+            error = InvalidRequest(f"input {oip.INPUT!r}: over {limit} bytes")
+            error.status_code = 413
+            raise error
+        values: list[Any] = oip.decode_bytes(raw) if tensor.datatype == "BYTES" else []
+    else:
+        values = list(tensor.contents.bytes_contents)
+    return oip.texts_of(tensor.name, tensor.datatype, list(tensor.shape), values)
+
+
+class InferenceServicer:
+    """The RPCs of ``inference.GRPCInferenceService`` (Serve calls them by name)."""
+
+    async def ServerLive(  # noqa: N802 - the RPC's name
+        self, request: pb.ServerLiveRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ServerLiveResponse:
+        async def call(_: dict[str, str]) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        return await _guarded(grpc_context, "ServerLive", pb.ServerLiveResponse(), call, True)
+
+    async def ServerReady(  # noqa: N802
+        self, request: pb.ServerReadyRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ServerReadyResponse:
+        async def call(_: dict[str, str]) -> pb.ServerReadyResponse:
+            try:
+                await context.services().core.check_ready()
+            except NotReady:
+                return pb.ServerReadyResponse(ready=False)
+            return pb.ServerReadyResponse(ready=True)
+
+        return await _guarded(grpc_context, "ServerReady", pb.ServerReadyResponse(), call, True)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ServerMetadataResponse:
+        async def call(_: dict[str, str]) -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(**oip.server_metadata())
+
+        empty = pb.ServerMetadataResponse()
+        return await _guarded(grpc_context, "ServerMetadata", empty, call)
+
+    async def ModelReady(  # noqa: N802
+        self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelReadyResponse:
+        async def call(_: dict[str, str]) -> pb.ModelReadyResponse:
+            core = context.services().core
+            model = oip.find_model(core, request.name)
+            await oip.check_version(core, model, request.version or None)
+            try:
+                await core.check_ready()
+            except NotReady:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+
+        return await _guarded(grpc_context, "ModelReady", pb.ModelReadyResponse(), call)
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelMetadataResponse:
+        async def call(_: dict[str, str]) -> pb.ModelMetadataResponse:
+            found = await oip.metadata(
+                context.services().core, request.name, request.version or None
+            )
+            tensors = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=found["name"],
+                versions=found["versions"],
+                platform=found["platform"],
+                inputs=[
+                    tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in found["inputs"]
+                ],
+                outputs=[
+                    tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in found["outputs"]
+                ],
+            )
+
+        empty = pb.ModelMetadataResponse()
+        return await _guarded(grpc_context, "ModelMetadata", empty, call)
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, grpc_context: RayServegRPCContext
+    ) -> pb.RepositoryIndexResponse:
+        async def call(_: dict[str, str]) -> pb.RepositoryIndexResponse:
+            entries = await oip.repository_index(context.services().core)
+            if request.ready:
+                entries = [e for e in entries if e["state"] == "READY"]
+            index = pb.RepositoryIndexResponse.ModelIndex
+            return pb.RepositoryIndexResponse(models=[index(**e) for e in entries])
+
+        empty = pb.RepositoryIndexResponse()
+        return await _guarded(grpc_context, "RepositoryIndex", empty, call)
+
+    async def ModelInfer(  # noqa: N802
+        self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ModelInferResponse:
+        async def call(metadata: dict[str, str]) -> pb.ModelInferResponse:
+            found = context.services()
+            core = found.core
+            texts = _texts(request, found.limits.max_body_bytes)
+            wanted = [o.name for o in request.outputs] or None
+            result = await oip.infer(
+                core,
+                request.model_name,
+                request.model_version or None,
+                texts,
+                wanted,
+                request.id or str(uuid.uuid4()),
+                user_key=metadata.get(core.sticky_header.lower()),
+                use_cache="no-cache" not in metadata.get("cache-control", "").lower(),
+            )
+            response = pb.ModelInferResponse(
+                model_name=result.model_name, model_version=result.model_version, id=request.id
+            )
+            for key, value in result.parameters.items():
+                response.parameters[key].CopyFrom(_parameter(value))
+            for tensor in result.outputs:
+                response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+                response.raw_output_contents.append(oip.raw_of(tensor))
+            return response
+
+        return await _guarded(grpc_context, "ModelInfer", pb.ModelInferResponse(), call)

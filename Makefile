@@ -3,6 +3,9 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+# The real OIP clients (tritonclient) for the tests, in their own environment: tritonclient[grpc]
+# pins protobuf<7, which Ray Serve 2.60 cannot import with (tests/clients/requirements.txt).
+CLIENTS ?= .venv-clients
 PY := $(VENV)/bin/python
 # Ray turns token auth on for clusters it creates; this private single-user cluster on 127.0.0.1
 # turns it off so `serve status` and friends work from other shells (see README, Security).
@@ -35,6 +38,11 @@ $(STUBS) &: $(PROTO) $(VENV)/.installed
 
 install: $(VENV)/.installed $(STUBS)
 
+$(CLIENTS)/.installed: tests/clients/requirements.txt
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
+	touch $@
+
 bootstrap: install
 	$(PY) -m training.bootstrap
 
@@ -44,7 +52,7 @@ serve: bootstrap validate
 validate: install
 	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml
 
-test: install
+test: install $(CLIENTS)/.installed
 	$(PY) -m pytest
 
 test-fast: install

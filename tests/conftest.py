@@ -31,7 +31,13 @@ STAGES = ["Tokenizer", "Encoder", "LinearHead", "MLPHead", "BagOfWords", "Ensemb
 PIPELINE_GROUP = "Pipeline"
 """The shipped config's one stage group: its deployment (and Ray Data pool) runs every stage."""
 SHIPPED_APP = "intent"
-SHIPPED_APP_MODULES = ("test_serve_http", "test_oip", "test_lifecycle", "test_jobs")
+SHIPPED_APP_MODULES = (
+    "test_serve_http",
+    "test_oip",
+    "test_triton_clients",
+    "test_lifecycle",
+    "test_jobs",
+)
 """Modules that share the shipped app, in the order they run. ``test_serve_http`` comes first: its
 parity gate wants the encoder at one replica (the other CPU runs Ray Data) and its drift tests an
 unused monitor. ``test_jobs`` comes last: it caps the encoder at one replica for dataset jobs."""

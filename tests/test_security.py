@@ -33,6 +33,9 @@ JOBS_KEY = "isk_test-jobs-key-0002"
 OPS_KEY = "isk_test-ops-key-0003"
 FUZZ_KEY = "isk_test-fuzz-key-0004"
 RATE_KEY = "isk_test-rate-key-0005"
+JOBS_ONLY_KEY = "isk_test-jobs-only-key-0006"
+GRPC_RATE_KEY = "isk_test-grpc-rate-key-0007"
+"""Used by the gRPC rate-limit test alone."""
 """Used by the rate-limit test alone: its bucket is full when that test starts, whatever ran
 before."""
 KEYS = [
@@ -48,6 +51,14 @@ KEYS = [
     ),
     # A refill far slower than the test's six calls take: the limit, not timing, decides.
     ApiKey(name="rate", hash=hash_key(RATE_KEY), scopes=("predict",), rate_per_s=0.01, burst=3),
+    ApiKey(name="jobs-only", hash=hash_key(JOBS_ONLY_KEY), scopes=("jobs",)),
+    ApiKey(
+        name="grpc-rate",
+        hash=hash_key(GRPC_RATE_KEY),
+        scopes=("predict",),
+        rate_per_s=0.01,
+        burst=2,
+    ),
 ]
 
 
@@ -137,6 +148,114 @@ def test_an_oversized_body_gets_413(secured):
         "type": "payload_too_large",
         "message": "request body over 4096 bytes",
         "request_id": big.headers["x-request-id"],
+    }
+
+
+# --- OIP v2: the same keys, limits and back-pressure over REST and gRPC --------------------------
+
+V2_BODY = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+def test_v2_rest_needs_a_key_and_refuses_in_the_protocols_shape(secured):
+    assert call(secured, "GET", "/v2/health/live").json() == {"live": True}  # open, as /healthz
+    missing = call(secured, "POST", "/v2/models/intent/infer", json=V2_BODY)
+    assert (missing.status_code, missing.json()) == (401, {"error": MISSING_KEY})
+    assert missing.headers["www-authenticate"] == 'Bearer realm="intent-serving"'
+    unknown = call(secured, "GET", "/v2", "isk_unknown")
+    assert (unknown.status_code, unknown.json()) == (401, {"error": "unknown API key"})
+    forbidden = call(secured, "GET", "/v2/models/intent", JOBS_ONLY_KEY)
+    assert (forbidden.status_code, forbidden.json()) == (
+        403,
+        {"error": "this key may not use /v2/models/intent: it needs the 'predict' scope"},
+    )
+    ok = call(secured, "POST", "/v2/models/intent/infer", OPS_KEY, json=V2_BODY)
+    assert ok.status_code == 200, ok.text
+    big = {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [4], "data": ["x" * 1500] * 4}]
+    }
+    too_large = call(secured, "POST", "/v2/models/intent/infer", OPS_KEY, json=big)
+    assert (too_large.status_code, too_large.json()) == (
+        413,
+        {"error": "request body over 4096 bytes"},
+    )
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(secured, serve_instance):
+    import grpc
+
+    from servecore.api.proto import inference_pb2_grpc
+
+    with grpc.insecure_channel(serve_instance.grpc_target) as channel:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def grpc_call(stub, key: str | None, texts: tuple[str, ...] = ("hello",), method="ModelInfer"):
+    import struct
+
+    from servecore.api.proto import inference_pb2 as pb
+
+    metadata = [("application", APP)]
+    if key is not None:
+        metadata.append(("authorization", f"Bearer {key}"))
+    if method == "ServerLive":
+        return stub.ServerLive(pb.ServerLiveRequest(), metadata=metadata, timeout=30)
+    request = pb.ModelInferRequest(model_name="intent")
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
+    raw = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+    request.raw_input_contents.append(raw)
+    return stub.ModelInfer(request, metadata=metadata, timeout=30)
+
+
+def grpc_refusal(call) -> tuple[str, str]:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value.code().name, raised.value.details()
+
+
+def test_grpc_keys_scopes_and_limits_are_status_codes(secured, grpc_stub):
+    assert grpc_call(grpc_stub, None, method="ServerLive").live  # open, as /v2/health/live
+    assert grpc_refusal(lambda: grpc_call(grpc_stub, None)) == ("UNAUTHENTICATED", MISSING_KEY)
+    assert grpc_refusal(lambda: grpc_call(grpc_stub, "isk_unknown")) == (
+        "UNAUTHENTICATED",
+        "unknown API key",
+    )
+    assert grpc_refusal(lambda: grpc_call(grpc_stub, JOBS_ONLY_KEY)) == (
+        "PERMISSION_DENIED",
+        "this key may not use ModelInfer: it needs the 'predict' scope",
+    )
+    assert grpc_call(grpc_stub, OPS_KEY).outputs[0].name == "label"
+    assert grpc_refusal(lambda: grpc_call(grpc_stub, OPS_KEY, ("x" * 1500,) * 4)) == (
+        "RESOURCE_EXHAUSTED",
+        "input 'text': over 4096 bytes",
+    )
+    grpc_call(grpc_stub, GRPC_RATE_KEY)
+    grpc_call(grpc_stub, GRPC_RATE_KEY)
+    code, message = grpc_refusal(lambda: grpc_call(grpc_stub, GRPC_RATE_KEY))
+    assert (code, message) == (
+        "RESOURCE_EXHAUSTED",
+        "too many requests for 'grpc-rate': 0.01/s, bursts of 2; retry later",
+    )
+    # One budget over both protocols: the key's HTTP calls meet the same empty bucket.
+    assert call(secured, "GET", "/v2", GRPC_RATE_KEY).status_code == 429
+
+
+def test_triton_clients_with_an_api_key(secured, serve_instance):
+    from tests.clients import run_triton_check
+
+    http = secured.removeprefix("http://")
+    report = run_triton_check(http, serve_instance.grpc_target, APP, ["hello"], key=OPS_KEY)
+    for protocol in ("http", "grpc"):
+        assert report[protocol]["live"] == {"ok": True, "value": True}, report[protocol]
+        assert report[protocol]["infer"]["ok"], report[protocol]["infer"]
+    assert report["http_without_key"] == {"ok": False, "status": "401", "message": MISSING_KEY}
+    assert report["grpc_without_key"] == {
+        "ok": False,
+        "status": "StatusCode.UNAUTHENTICATED",
+        "message": MISSING_KEY,
     }
 
 
@@ -232,12 +351,22 @@ def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(secured):
             "checks": {"negative_data_rejection": {"expected-statuses": rejections}},
             "operations": [
                 {
+                    # OIP v2 inference: a body valid by the schema may still be refused by the
+                    # protocol (a shape that does not match its data, a datatype other than
+                    # BYTES, too many texts): 400 or 413 in the protocol's shape, never a 5xx.
+                    # First: the first entry that matches an operation sets its checks.
+                    "include-path-regex": "/v2/models/.*/infer$",
+                    "checks": {
+                        "positive_data_acceptance": {"expected-statuses": [*accepted, "400", "413"]}
+                    },
+                },
+                {
                     "include-path": "/v1/jobs",
                     "include-method": "POST",
                     "checks": {
                         "positive_data_acceptance": {"expected-statuses": [*accepted, "422"]}
                     },
-                }
+                },
             ],
         }
     )
@@ -247,6 +376,8 @@ def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(secured):
     schema = schema.exclude(path_regex="^/v1/admin/(promote|rollback)$")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12, [op.label for op in operations]
+    v2 = [op.label for op in operations if op.path.startswith("/v2")]
+    assert len(v2) == 10, v2  # every OIP v2 REST route is fuzzed too
     failures: dict[str, str] = {}
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

@@ -25,7 +25,7 @@ app.add_middleware(
     keyring=context.keyring,
     limits=context.limits,
     render=error_response,
-    rates=context.RATES,
+    rates=context.rates,
 )
 for front in (v1, openai, v2, jobs, admin, health):
     app.include_router(front.router)

@@ -241,14 +241,17 @@ class Guard:
         keyring: Callable[[], KeyRing],
         limits: Callable[[], LimitsConfig],
         render: Callable[..., Any],
-        rates: RateLimiter | None = None,
+        rates: Callable[[], RateLimiter] | None = None,
     ) -> None:
         self.app = app
         self.keyring = keyring
         self.limits = limits
         self.render = render
-        self.rates = rates or RateLimiter()
-        """Shared with the gRPC front when given: a caller's rate is one budget over both."""
+        own = RateLimiter()
+        self.rates = rates or (lambda: own)
+        """The callers' buckets; given (a function, like ``keyring``: Serve pickles the app by
+        value, so an object handed over here would be a copy) they are shared with the gRPC
+        front, and a caller's rate is one budget over both protocols."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -271,7 +274,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         limits = self.limits()
-        admitted = admit(self.keyring(), limits, self.rates, presented_key(headers), needed, path)
+        admitted = admit(self.keyring(), limits, self.rates(), presented_key(headers), needed, path)
         if isinstance(admitted, Denial):
             return await self._deny(
                 scope,

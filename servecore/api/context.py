@@ -45,6 +45,10 @@ def services() -> Services:
     return _current
 
 
+def rates() -> RateLimiter:
+    return RATES
+
+
 def keyring() -> KeyRing:
     return _current.keyring if _current is not None else KeyRing([])
 

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from servecore.api.auth import route_path
 from servecore.errors import InvalidJSON, InvalidRequest, ServingError
 
 logger = logging.getLogger("ray.serve")
@@ -58,7 +59,7 @@ def register_error_shape(prefix: str, shape: Shape) -> None:
 
 
 def _render(error: ServingError, request: Request) -> JSONResponse:
-    path = request.url.path
+    path = route_path(request.scope)
     for prefix, shape in _SHAPES.items():
         if path.startswith(prefix):
             return shape(error, request)

@@ -1,0 +1,33 @@
+"""The real OIP clients (tritonclient), run in their own environment by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENTS_PYTHON = Path(
+    os.environ.get("INTENT_TEST_CLIENTS_PYTHON", ROOT / ".venv-clients/bin/python")
+)
+
+
+def run_triton_check(
+    http: str, grpc_target: str, app: str, texts: list[str], key: str | None = None
+) -> dict[str, Any]:
+    """What ``tests/clients/triton_check.py`` saw, run by the clients' interpreter."""
+    assert CLIENTS_PYTHON.exists(), (
+        f"{CLIENTS_PYTHON} is missing: `make test` creates the clients' environment "
+        "(tests/clients/requirements.txt)"
+    )
+    command = [str(CLIENTS_PYTHON), str(ROOT / "tests/clients/triton_check.py")]
+    command += ["--http", http, "--grpc", grpc_target, "--app", app]
+    command += [f"--text={t}" for t in texts]
+    if key is not None:
+        command += ["--key", key]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report

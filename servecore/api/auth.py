@@ -32,7 +32,7 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -100,7 +100,7 @@ def required_scope(path: str) -> Scope | None | Literal["open"]:
     return None  # the docs, the OpenAPI schema, unknown paths (which then answer 404)
 
 
-def route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: Mapping[str, Any]) -> str:
     """The path within the app: Serve mounts an app under its route prefix (``root_path``),
     which ASGI servers leave at the front of ``path``."""
     path, root = scope.get("path", ""), scope.get("root_path", "")

@@ -226,7 +226,12 @@ async def _run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:
 
 
 def run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:
-    """Drive ``url`` (``POST`` in ``spec.protocol``) with ``spec``'s load; blocks until done."""
+    """Drive ``url`` (``POST`` in ``spec.protocol``; a ``grpc://`` target gets OIP v2
+    ``ModelInfer`` calls, :mod:`bench.grpc_load`) with ``spec``'s load; blocks until done."""
+    if url.startswith("grpc://"):
+        from bench.grpc_load import run_grpc_load
+
+        return run_grpc_load(url, spec, texts)
     return asyncio.run(_run_load(url, spec, texts))
 
 

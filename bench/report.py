@@ -21,6 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ray", "torch", "transformers", "fastapi", "uvicorn", "httpx", "numpy", "mlflow")
 CONCURRENCIES = (1, 8, 32)
+PROTOCOL_CONCURRENCIES = (1, 32)
+"""Where the OIP v2 fronts (REST and gRPC) are measured beside v1."""
 BUSY_LOAD_PER_CPU = 0.5
 """A 1-minute load average above this many per CPU at the start marks the run as disturbed."""
 
@@ -35,6 +37,14 @@ ROW_TITLES: dict[str, str] = {
     "served_batch32": "served (a): 32 texts/request, c=4",
     **{row_id("served", c): f"served (b): 1 text/request, c={c}" for c in CONCURRENCIES},
     "served_cached_c8": "served, response-cache hits: 1 repeated text/request, c=8",
+    **{
+        row_id("served_v2", c): f"served, OIP v2 REST: 1 text/request, c={c}"
+        for c in PROTOCOL_CONCURRENCIES
+    },
+    **{
+        row_id("served_grpc", c): f"served, OIP v2 gRPC: 1 text/request, c={c}"
+        for c in PROTOCOL_CONCURRENCIES
+    },
     **{row_id("unbatched", c): f"unbatched FastAPI peer, c={c}" for c in CONCURRENCIES},
     **{row_id("microbatch", c): f"micro-batching FastAPI peer, c={c}" for c in CONCURRENCIES},
     **{row_id("mlserver", c): f"MLServer adaptive batching, c={c}" for c in CONCURRENCIES},
@@ -103,6 +113,40 @@ RATIOS = (
         row_id("served", 8),
         "requests_per_s",
         1.0,
+    ),
+    Ratio(
+        "v2_rest_vs_v1_c32",
+        "served OIP v2 REST c=32 req/s ÷ served v1 c=32 req/s",
+        row_id("served_v2", 32),
+        row_id("served", 32),
+        "requests_per_s",
+        0.90,
+    ),
+    Ratio(
+        "v2_rest_vs_v1_c1_p50",
+        "served OIP v2 REST c=1 p50 ÷ served v1 c=1 p50 (lower is better)",
+        row_id("served_v2", 1),
+        row_id("served", 1),
+        "p50_ms",
+        None,
+        at_most=True,
+    ),
+    Ratio(
+        "grpc_vs_v1_c32",
+        "served OIP v2 gRPC c=32 req/s ÷ served v1 c=32 req/s",
+        row_id("served_grpc", 32),
+        row_id("served", 32),
+        "requests_per_s",
+        None,
+    ),
+    Ratio(
+        "grpc_vs_v1_c1_p50",
+        "served OIP v2 gRPC c=1 p50 ÷ served v1 c=1 p50 (lower is better)",
+        row_id("served_grpc", 1),
+        row_id("served", 1),
+        "p50_ms",
+        None,
+        at_most=True,
     ),
     Ratio(
         "cache_hits_vs_model_c8",

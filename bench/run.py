@@ -199,6 +199,9 @@ def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[s
                 peak = memory.peak
             if concurrency == 1:
                 rows["served_budget_c1"] = budget_row(graph, config, cycler, plan)
+        # The same one-text load through the OIP v2 fronts, REST and gRPC (issue 16): the same
+        # traffic core behind each, so the difference is what each protocol's front costs.
+        rows.update(bench_protocols(graph, cycler, plan))
         rows["served_memory"] = {
             "unit": "MiB",
             "errors": 0,
@@ -213,6 +216,33 @@ def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[s
         rows["served_cached_c8"] = http_row(
             measure(graph.predict_url, hits, one_text, "served cache hits c=8"), "req/s"
         )
+    return rows
+
+
+def bench_protocols(graph: Any, texts: TextCycler, plan: Plan) -> dict[str, dict[str, Any]]:
+    """One text per request through OIP v2 over REST and over gRPC, at c=1 and c=32."""
+    from bench.mlserver_peer import V2, infer_url
+    from bench.served import warm_settle_measure
+
+    rows: dict[str, dict[str, Any]] = {}
+    targets = (("served_v2", "v2 REST", infer_url(graph.base_url)), ("served_grpc", "gRPC", None))
+    for concurrency in reporting.PROTOCOL_CONCURRENCIES:
+        for system, label, url in targets:
+            spec = plan.single_text(concurrency)
+            if url is not None:
+                spec = dataclasses.replace(spec, protocol=V2)
+            result, replicas = warm_settle_measure(
+                graph,
+                spec,
+                texts,
+                plan.warmup_s,
+                plan.max_settle_s,
+                f"served {label} c={concurrency}",
+                url=url or graph.grpc_target,
+            )
+            rows[reporting.row_id(system, concurrency)] = http_row(
+                result, "req/s", encoder=replicas
+            )
     return rows
 
 

@@ -57,6 +57,13 @@ class ServedGraph:
     def predict_url(self) -> str:
         return f"{self.base_url}/v1/predict"
 
+    grpc_port: int = 0
+
+    @property
+    def grpc_target(self) -> str:
+        """The OIP v2 gRPC ingress, as the load generator takes it."""
+        return f"grpc://{LOOPBACK}:{self.grpc_port}/{APP_NAME}"
+
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
         """What every benchmark request sends besides its body."""
@@ -132,7 +139,8 @@ def _serve_graph(config_path: str | Path, key: str) -> Iterator[ServedGraph]:
         session_dir = str(context.address_info.get("session_dir", "unknown"))
         logger.info("ray started (logs under %s)", session_dir)
         port = quiet_port()  # HAProxy binds it: outside the ephemeral range
-        start_serve(config, http_port=port)
+        grpc_port = quiet_port()
+        start_serve(config, http_port=port, grpc_port=grpc_port)
         base_url = f"http://{LOOPBACK}:{port}"
         deploy(config)
         wait_ready(base_url)
@@ -145,6 +153,7 @@ def _serve_graph(config_path: str | Path, key: str) -> Iterator[ServedGraph]:
             metrics_port=metrics_port,
             encoder_group=encoder_group(config_path),
             api_key=key,
+            grpc_port=grpc_port,
         )
     finally:
         try:
@@ -178,21 +187,24 @@ def warm_settle_measure(
     warmup_s: float,
     max_settle_s: float,
     label: str,
+    url: str | None = None,
 ) -> tuple[LoadResult, dict[str, Any]]:
     """Warm up, keep the load on while the encoder autoscaler is still moving (at most
-    ``max_settle_s`` more), then measure. Returns the result and the encoder replicas seen."""
+    ``max_settle_s`` more), then measure ``url`` (default ``/v1/predict``). Returns the result
+    and the encoder replicas seen."""
     spec = dataclasses.replace(spec, headers=spec.headers + graph.headers)
-    warm_up(graph.predict_url, spec, texts, warmup_s, label)
+    target = url or graph.predict_url
+    warm_up(target, spec, texts, warmup_s, label)
     settle_started = time.perf_counter()
     replicas = encoder_replicas(graph.encoder_group)
     while not _settled(replicas) and time.perf_counter() - settle_started < max_settle_s:
         logger.info("%s: encoder not settled yet (%s); more warm-up", label, replicas)
-        warm_up(graph.predict_url, spec, texts, SETTLE_CHUNK_S, label)
+        warm_up(target, spec, texts, SETTLE_CHUNK_S, label)
         replicas = encoder_replicas(graph.encoder_group)
     if not _settled(replicas):
         logger.warning("%s: encoder still not settled, measuring anyway: %s", label, replicas)
     before_cpu = cpu_seconds_by_process()
-    result = measure(graph.predict_url, spec, texts, label)
+    result = measure(target, spec, texts, label)
     cpu = cpu_breakdown(before_cpu, cpu_seconds_by_process(), max(result.ok, 1))
     after = encoder_replicas(graph.encoder_group)
     if after != replicas:

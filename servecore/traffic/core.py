@@ -132,7 +132,8 @@ class MonitoringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Share of ``/v1/predict`` requests sent to the monitor (all their texts). A sampled
+    """Share of classification requests (``/v1/predict``, the OIP v2 pipeline model) sent to the
+    monitor (all their texts). A sampled
     request's graph call also returns its embeddings, so drift scoring costs no second encoder
     pass (only answers served from the cache are embedded again by the monitor)."""
     flush_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)

@@ -50,3 +50,26 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
 def test_every_sub_package_says_what_it_holds(package: str) -> None:
     init = ROOT / "servecore" / package / "__init__.py"
     assert ast.get_docstring(ast.parse(init.read_text()))
+
+
+def test_pyfunc_wrappers_pickled_under_the_old_module_are_repointed(tmp_path: Path, monkeypatch):
+    """Versions registered before ``servecore.mlflow_models`` moved to ``training.mlflow_models``
+    stay loadable: their pickles are rewritten to name the new module (and nothing else)."""
+    import pickle
+    import sys
+    import types
+
+    from training import mlflow_models
+    from training.migrate import repoint_file
+
+    old = types.ModuleType("servecore.mlflow_models")
+    legacy = type("HeadModel", (mlflow_models.HeadModel,), {"__module__": old.__name__})
+    old.HeadModel = legacy
+    monkeypatch.setitem(sys.modules, old.__name__, old)
+    path = tmp_path / "python_model.pkl"
+    path.write_bytes(pickle.dumps(legacy()))
+    monkeypatch.delitem(sys.modules, old.__name__)
+
+    assert repoint_file(path) is True
+    assert type(pickle.loads(path.read_bytes())) is mlflow_models.HeadModel
+    assert repoint_file(path) is False  # already repointed: left alone

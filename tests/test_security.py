@@ -325,6 +325,26 @@ def test_a_bounded_flood_gets_503_with_retry_after_and_the_service_recovers(secu
         )
 
 
+def test_a_bounded_grpc_flood_gets_a_retryable_status_and_the_service_recovers(grpc_stub):
+    """Back-pressure over gRPC: past the gateway's 4 ongoing and 8 queued requests, Serve refuses
+    with a status a client may retry (never INTERNAL, never a hang), and the service recovers."""
+    import grpc
+
+    def one(i: int) -> str:
+        try:
+            grpc_call(grpc_stub, OPS_KEY, (f"grpc flood {i}",))
+        except grpc.RpcError as e:
+            return e.code().name
+        return "OK"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=40) as pool:
+        codes = collections.Counter(pool.map(one, range(40)))
+    assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["OK"] > 0 and codes["OK"] < 40, codes
+    for _ in range(3):  # the queue drained: back to normal at once
+        assert grpc_call(grpc_stub, OPS_KEY).outputs[0].name == "label"
+
+
 # --- fuzzing -----------------------------------------------------------------------------------
 # Schemathesis generates requests from the gateway's own OpenAPI schema (valid and invalid) and
 # checks every answer: no 5xx, a documented status code and content type, a body that matches

@@ -405,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {registry_failure(e, 'the bootstrap failed').message}", file=sys.stderr)
         return 2
     print(f"registry: {get_settings().tracking_uri}")
+    from training.migrate import repoint_pyfunc_wrappers
+
+    repointed, _ = repoint_pyfunc_wrappers(SHIPPED)
+    if repointed:
+        print(f"  pyfunc wrappers of {repointed} repointed to training.mlflow_models")
     if args.reference:
         from batch.reference import ensure_reference
 

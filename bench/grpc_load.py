@@ -12,7 +12,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from bench.loadgen import LoadResult, LoadSpec, TextCycler, _Run, check_loopback, percentiles
+from bench.loadgen import LoadResult, LoadSpec, TextCycler, _Run, check_loopback
 
 SCHEME = "grpc://"
 """A load target ``grpc://127.0.0.1:9000/<application>`` is driven over gRPC."""
@@ -85,21 +85,7 @@ async def _run_load(target: str, spec: LoadSpec, texts: TextCycler, model: str) 
             *(_client(stub, run, metadata, model) for _ in range(spec.concurrency))
         )
         elapsed = time.perf_counter() - started
-    ok = len(run.latencies)
-    return LoadResult(
-        concurrency=spec.concurrency,
-        texts_per_request=spec.texts_per_request,
-        requests=run.issued,
-        ok=ok,
-        errors=run.errors,
-        elapsed_s=elapsed,
-        requests_per_s=ok / elapsed if elapsed > 0 else 0.0,
-        texts_per_s=ok * spec.texts_per_request / elapsed if elapsed > 0 else 0.0,
-        stopped_by=run.stopped_by,
-        status_counts=dict(run.statuses),
-        error_samples=run.error_samples,
-        **percentiles(run.latencies),
-    )
+    return run.result(elapsed)
 
 
 def run_grpc_load(

@@ -164,6 +164,24 @@ class _Run:
         self.issued += 1
         return self.texts.take(self.spec.texts_per_request)
 
+    def result(self, elapsed: float) -> LoadResult:
+        """What the run produced, ``elapsed`` seconds after it started."""
+        spec, ok = self.spec, len(self.latencies)
+        return LoadResult(
+            concurrency=spec.concurrency,
+            texts_per_request=spec.texts_per_request,
+            requests=self.issued,
+            ok=ok,
+            errors=self.errors,
+            elapsed_s=elapsed,
+            requests_per_s=ok / elapsed if elapsed > 0 else 0.0,
+            texts_per_s=ok * spec.texts_per_request / elapsed if elapsed > 0 else 0.0,
+            stopped_by=self.stopped_by,
+            status_counts=dict(self.statuses),
+            error_samples=self.error_samples,
+            **percentiles(self.latencies),
+        )
+
     def fail(self, status: str, detail: str) -> None:
         self.errors += 1
         self.statuses[status] += 1
@@ -208,21 +226,7 @@ async def _run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:
         run.deadline = started + spec.max_seconds
         await asyncio.gather(*(_client(client, url, run) for _ in range(spec.concurrency)))
         elapsed = time.perf_counter() - started
-    ok = len(run.latencies)
-    return LoadResult(
-        concurrency=spec.concurrency,
-        texts_per_request=spec.texts_per_request,
-        requests=run.issued,
-        ok=ok,
-        errors=run.errors,
-        elapsed_s=elapsed,
-        requests_per_s=ok / elapsed if elapsed > 0 else 0.0,
-        texts_per_s=ok * spec.texts_per_request / elapsed if elapsed > 0 else 0.0,
-        stopped_by=run.stopped_by,
-        status_counts=dict(run.statuses),
-        error_samples=run.error_samples,
-        **percentiles(run.latencies),
-    )
+    return run.result(elapsed)
 
 
 def run_load(url: str, spec: LoadSpec, texts: TextCycler) -> LoadResult:

@@ -43,6 +43,11 @@ class TooManyTexts(ServingError):
     error_type = "too_many_texts"
 
 
+class PayloadTooLarge(ServingError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
 class JobNotFound(ServingError):
     status_code = 404
     error_type = "job_not_found"

@@ -236,7 +236,8 @@ def test_errors_are_the_protocols_shape(client, method, path, kwargs, status, me
 
 def test_repository_index_lists_every_model_with_its_state(client):
     # A pinned version is loaded on first use and stays among the replica's loaded versions.
-    assert client.post("/v2/models/intent-head-mlp/versions/1/infer", json=infer_body(TEXTS))
+    pinned = client.post("/v2/models/intent-head-mlp/versions/1/infer", json=infer_body(TEXTS))
+    assert pinned.status_code == 200, pinned.text
     index = client.post("/v2/repository/index").json()
     assert sorted({entry["name"] for entry in index}) == sorted(MODELS)
     for entry in index:

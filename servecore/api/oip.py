@@ -126,7 +126,7 @@ def texts_of(name: str, datatype: str, shape: list[int], values: list[Any]) -> l
         raise InvalidRequest(
             f"input {INPUT!r}: shape {shape} holds {count} elements, the data {len(values)}"
         )
-    if not 1 <= count:
+    if count == 0:
         raise InvalidRequest(f"input {INPUT!r} holds no texts")
     if count > MAX_TEXTS_PER_REQUEST:
         raise TooManyTexts(

@@ -24,7 +24,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from servecore.api import context, oip
 from servecore.api.auth import Denial, admit
 from servecore.api.proto import inference_pb2 as pb
-from servecore.errors import InvalidRequest, NotReady, ServingError
+from servecore.errors import InvalidRequest, NotReady, PayloadTooLarge, ServingError
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -97,6 +97,14 @@ def _parameter(value: bool | int | str) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
+def _tensor_metadata(
+    tensors: list[dict[str, Any]],
+) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """OIP metadata's tensors (name, datatype, shape; REST's extra parameters left out)."""
+    kind = pb.ModelMetadataResponse.TensorMetadata
+    return [kind(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in tensors]
+
+
 def _texts(request: pb.ModelInferRequest, limit: int) -> list[str]:
     if len(request.inputs) != 1:
         raise InvalidRequest(f"expected one input, {oip.INPUT!r}; got {len(request.inputs)}")
@@ -106,9 +114,7 @@ def _texts(request: pb.ModelInferRequest, limit: int) -> list[str]:
     if request.raw_input_contents:
         raw = request.raw_input_contents[0]
         if len(raw) > limit:
-            error = InvalidRequest(f"input {oip.INPUT!r}: over {limit} bytes")
-            error.status_code = 413
-            raise error
+            raise PayloadTooLarge(f"input {oip.INPUT!r}: over {limit} bytes")
         values: list[Any] = oip.decode_bytes(raw) if tensor.datatype == "BYTES" else []
     else:
         values = list(tensor.contents.bytes_contents)
@@ -169,19 +175,12 @@ class InferenceServicer:
             found = await oip.metadata(
                 context.services().core, request.name, request.version or None
             )
-            tensors = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=found["name"],
                 versions=found["versions"],
                 platform=found["platform"],
-                inputs=[
-                    tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-                    for t in found["inputs"]
-                ],
-                outputs=[
-                    tensors(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-                    for t in found["outputs"]
-                ],
+                inputs=_tensor_metadata(found["inputs"]),
+                outputs=_tensor_metadata(found["outputs"]),
             )
 
         empty = pb.ModelMetadataResponse()

@@ -208,6 +208,7 @@ class TrafficCore:
             plan.deployment: plan.init_kwargs.get("model_uri") for plan in self.spec.stage_plans()
         }
         self.uris = spec_model_uris(self.spec)
+        self._served = self._addressable()
         knobs = TrafficConfig()
         self.knobs = knobs
         self.releases: dict[str, Release] = {
@@ -690,6 +691,9 @@ class TrafficCore:
     def served_models(self) -> list[ServedModel]:
         """The pipeline (named after the application's encoder family: ``intent``), the encoder
         and every member, as callers may address them; names are the registered model names."""
+        return self._served
+
+    def _addressable(self) -> list[ServedModel]:
         models = [ServedModel(self.pipeline_name, "pipeline", None, PREDICTION)]
         models.append(ServedModel(self.encoder_name, "encoder", "Encoder", ("embedding",)))
         for member in self.spec.members:

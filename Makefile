@@ -51,6 +51,7 @@ serve: bootstrap validate
 
 validate: install
 	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml
+	$(PY) -m servecore.config_check --registry --fit serve_config.yaml
 
 test: install $(CLIENTS)/.installed
 	$(PY) -m pytest

@@ -4,6 +4,7 @@ offline and online paths agree.
 Examples::
 
     python -m batch run --input data/intents.csv --output /tmp/intents-scored
+    python -m batch run --app breast-cancer --input rows.parquet --output /tmp/scored
     python -m batch parity --input data/intents.csv --url http://127.0.0.1:8000
     python -m batch reference           # drift reference profile of the champion release
 """
@@ -286,10 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", e)
         return 2
     try:
+        from batch.model_job import is_model_app, run_model_job, run_model_parity
+
+        generic = is_model_app(options.config, options.app)
         if args.command == "run":
-            summary = run_job(options, ray_startup_s=startup_s)
+            job = run_model_job if generic else run_job
+            summary = job(options, ray_startup_s=startup_s)
             print(json.dumps(summary, indent=2))
             return 0
+        if generic:
+            found = run_model_parity(options, args.url, args.tolerance, args.timeout)
+            print(found.format())
+            return 0 if found.ok else 1
         report = run_parity(options, args.url, args.tolerance, args.worst, args.timeout)
         print(report.format())
         return 0 if report.ok else 1

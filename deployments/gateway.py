@@ -26,6 +26,7 @@ from servecore.api.jobs import JobDesk, JobsConfig
 from servecore.api.v2_grpc import InferenceServicer
 from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
+from servecore.traffic.base import ServingCore
 from servecore.traffic.core import TrafficConfig, TrafficCore
 
 logger = logging.getLogger("ray.serve")
@@ -39,22 +40,18 @@ class GatewayUserConfig(TrafficConfig):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
-@serve.deployment(max_ongoing_requests=256)
-@serve.ingress(app)
-class Gateway(InferenceServicer):
-    def __init__(
-        self,
-        spec: dict[str, Any],
-        groups: dict[str, DeploymentHandle],
-        job_runner: DeploymentHandle | None = None,
-        monitor: DeploymentHandle | None = None,
-    ) -> None:
-        # job_runner is bound so that the runners deploy with the application; the gateway only
-        # puts job ids on their queue.
-        self.core = TrafficCore(PipelineSpec.model_validate(spec), groups, monitor)
-        self.knobs = GatewayUserConfig()
+class GatewayReplica(InferenceServicer):
+    """What every gateway replica does with its core (plain, so both ingress deployments share
+    it): installs the fronts' services, warns about open access, applies live knobs."""
+
+    knobs_class: type[TrafficConfig] = TrafficConfig
+
+    def _install(self, core: ServingCore[Any]) -> None:
+        self.core = core
+        self.knobs = self.knobs_class()
         keyring = KeyRing(get_settings().api_keys)
-        self.services = context.Services(self.core, JobDesk(), keyring, self.knobs.limits)
+        limits = getattr(self.knobs, "limits", LimitsConfig())
+        self.services = context.Services(core, JobDesk(), keyring, limits)
         context.install(self.services)
         if keyring.open:
             logger.warning(
@@ -66,16 +63,34 @@ class Gateway(InferenceServicer):
             logger.info("API keys: %s", [k.name for k in keyring.keys])
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
-        knobs = GatewayUserConfig.model_validate(config or {})
+        knobs = self.knobs_class.model_validate(config or {})
         await self.core.configure(knobs)
         self.knobs = knobs
-        self.services.jobs.knobs = knobs.jobs
-        self.services.limits = knobs.limits
+        if isinstance(knobs, GatewayUserConfig):
+            self.services.jobs.knobs = knobs.jobs
+        self.services.limits = getattr(knobs, "limits", LimitsConfig())
 
     async def current_knobs(self) -> dict[str, Any]:
         """The live knobs this replica applies now (a handle method, no route): ``user_config``
         lands a moment after a deploy returns, so operators and tests ask instead of guessing."""
         return self.knobs.model_dump(mode="json")
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class Gateway(GatewayReplica):
+    knobs_class = GatewayUserConfig
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        groups: dict[str, DeploymentHandle],
+        job_runner: DeploymentHandle | None = None,
+        monitor: DeploymentHandle | None = None,
+    ) -> None:
+        # job_runner is bound so that the runners deploy with the application; the gateway only
+        # puts job ids on their queue.
+        self._install(TrafficCore(PipelineSpec.model_validate(spec), groups, monitor))
 
     async def classify_texts(
         self, texts: list[str], user_key: str | None = None, trace: str = "job"

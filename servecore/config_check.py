@@ -5,6 +5,15 @@ key against Ray's own config schema, validates each application's ``args`` again
 of its builder, each deployment's ``user_config`` against the stage's live-knob model, and a few
 rules that bite in practice: full ``ray_actor_options`` everywhere, and ``max_ongoing_requests``
 large enough for the deployment's batches to fill.
+
+Two checks need more than the file and run when asked (``make validate`` asks for both):
+
+* ``--registry``: every model URI of every application resolves in the registry, and a generic
+  model application's model has an MLflow signature (a model without one is refused: nothing says
+  what it takes, so no input could be checked).
+* ``--fit``: the replicas every application starts with (``num_replicas``, or autoscaling's
+  ``initial_replicas``/``min_replicas``), all applications together, fit the CPUs and GPUs given
+  (``--cpus``/``--gpus``; default: this machine's), and no single replica asks for more than that.
 """
 
 from __future__ import annotations
@@ -215,14 +224,107 @@ def check_config(path: str | Path) -> list[str]:
     return problems
 
 
+def check_registry(path: str | Path) -> list[str]:
+    """Every model URI of every application resolves; generic models have a signature."""
+    from servecore.registry.client import resolve
+    from servecore.traffic.releases import spec_model_uris
+
+    problems: list[str] = []
+    config = load_config(path)
+    for entry in config.get("applications") or []:
+        app = entry.get("name", "?")
+        try:
+            builder = load_builder(entry.get("import_path", ""))
+            args_type = builder_args_type(builder)
+            spec = args_type.model_validate(entry.get("args") or {}) if args_type else None
+        except (ConfigError, ValidationError):
+            continue  # reported by check_config
+        if spec is None or not hasattr(spec, "stage_plans"):
+            continue
+        for uri in spec_model_uris(spec):  # type: ignore[arg-type]
+            try:
+                resolve(uri)
+            except Exception as e:  # noqa: BLE001 - every failure is the operator's to read
+                problems.append(f"applications[{app}]: {uri} does not resolve: {_message(e)}")
+        registry_checks = getattr(sys.modules[builder.__module__], "registry_checks", None)
+        if registry_checks is not None:
+            problems.extend(f"applications[{app}]: {p}" for p in registry_checks(spec))
+    return problems
+
+
+def _message(error: Exception) -> str:
+    return getattr(error, "message", None) or str(error)
+
+
+def _replicas(deployment: dict[str, Any]) -> int:
+    scaling = deployment.get("autoscaling_config")
+    if isinstance(scaling, dict):
+        found = scaling.get("initial_replicas", scaling.get("min_replicas", 1))
+        return int(found if found is not None else 1)
+    return int(deployment.get("num_replicas") or 1)
+
+
+def check_fit(path: str | Path, cpus: float, gpus: float) -> list[str]:
+    """What the applications start with fits ``cpus`` and ``gpus``; no replica asks for more."""
+    problems: list[str] = []
+    config = load_config(path)
+    total = {"num_cpus": 0.0, "num_gpus": 0.0}
+    have = {"num_cpus": cpus, "num_gpus": gpus}
+    for entry in config.get("applications") or []:
+        app = entry.get("name", "?")
+        for deployment in entry.get("deployments") or []:
+            options = deployment.get("ray_actor_options") or {}
+            replicas = _replicas(deployment)
+            for key in total:
+                ask = float(options.get(key) or 0.0)
+                total[key] += ask * replicas
+                if ask > have[key]:
+                    problems.append(
+                        f"applications[{app}].deployments[{deployment.get('name')}]: one "
+                        f"replica asks {key} = {ask:g}, more than the {have[key]:g} available; "
+                        "it would stay pending forever"
+                    )
+    for key, asked in total.items():
+        if asked > have[key] + 1e-9:
+            problems.append(
+                f"the applications start with {key} = {asked:g} in all, more than the "
+                f"{have[key]:g} available; some replicas would stay pending"
+            )
+    return problems
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch, no CUDA: no GPUs
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    paths = argv if argv is not None else sys.argv[1:]
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m servecore.config_check")
+    parser.add_argument("paths", nargs="*", metavar="CONFIG.yaml")
+    parser.add_argument("--registry", action="store_true", help="check model URIs resolve")
+    parser.add_argument("--fit", action="store_true", help="check the replicas fit the machine")
+    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1))
+    parser.add_argument("--gpus", type=float, default=None)
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    paths = args.paths
     if not paths:
         print("usage: python -m servecore.config_check CONFIG.yaml [CONFIG.yaml ...]")
         return 2
+    gpus = args.gpus if args.gpus is not None else float(_local_gpus()) if args.fit else 0.0
     failed = False
     for path in paths:
         problems = check_config(path)
+        if not problems and args.registry:
+            problems = check_registry(path)
+        if not problems and args.fit:
+            problems = check_fit(path, args.cpus, gpus)
         if problems:
             failed = True
             print(f"{path}: {len(problems)} problem(s)")

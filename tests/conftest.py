@@ -37,10 +37,12 @@ SHIPPED_APP_MODULES = (
     "test_triton_clients",
     "test_lifecycle",
     "test_jobs",
+    "test_any_model",
 )
 """Modules that share the shipped app, in the order they run. ``test_serve_http`` comes first: its
 parity gate wants the encoder at one replica (the other CPU runs Ray Data) and its drift tests an
-unused monitor. ``test_jobs`` comes last: it caps the encoder at one replica for dataset jobs."""
+unused monitor. ``test_jobs`` caps the encoder at one replica for dataset jobs. ``test_any_model``
+drives the shipped config's second application (breast-cancer) and adds one of its own."""
 
 
 def free_port() -> int:
@@ -59,7 +61,7 @@ class Registry:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A temporary MLflow store, bootstrapped once for the whole session."""
     from servecore.dataset import load_split
-    from training import bootstrap
+    from training import bootstrap, breast_cancer
 
     home = tmp_path_factory.mktemp("registry")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
@@ -70,6 +72,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     weights, members = bootstrap.default_members(ROOT / "serve_config.yaml", "intent")
     data = bootstrap.Data(*load_split("train"), *load_split("test"))
     results = bootstrap.Bootstrapper(weights, members).run(data)
+    breast_cancer.register()  # the second shipped application's model (serve_config.yaml)
     yield Registry(get_settings().tracking_uri, results)
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -160,7 +163,7 @@ def shipped_app(serve_instance: ServeInstance) -> Callable[[AppConfig], str]:
 
     def use(config: AppConfig = ROOT / "serve_config.yaml") -> str:
         _deployed.add(SHIPPED_APP)
-        deploy(config)
+        _deployed.update(a["name"] for a in deploy(config)["applications"])
         wait_ready(serve_instance.base_url)
         return serve_instance.base_url
 
@@ -174,7 +177,8 @@ def intent_app(shipped_app: Callable[[AppConfig], str]) -> str:
 
 
 _deployed: set[str] = set()
-"""The shared app's name while :func:`shipped_app` has deployed it and it is not deleted yet."""
+"""The applications :func:`shipped_app` has deployed (the shipped config's, and any a module added
+to it) and that are not deleted yet."""
 
 
 def _module(item: pytest.Item) -> str:
@@ -206,15 +210,16 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     leaving = _module(item) in SHIPPED_APP_MODULES and (
         nextitem is None or _module(nextitem) not in SHIPPED_APP_MODULES
     )
-    if leaving and SHIPPED_APP in _deployed:
+    if leaving and _deployed:
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
-        _deployed.discard(SHIPPED_APP)
-        try:
-            serve.delete(SHIPPED_APP)
-        except RayServeException:
-            pass  # the session ended with these modules: Serve is already shut down
+        for name in sorted(_deployed):
+            try:
+                serve.delete(name)
+            except RayServeException:
+                pass  # the session ended with these modules: Serve is already shut down
+        _deployed.clear()
     return result
 
 

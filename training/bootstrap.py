@@ -11,6 +11,7 @@ Registered models:
 ``intent-head-linear`` logistic regression on the encoder's embeddings
 ``intent-head-mlp``    one-hidden-layer MLP on the encoder's embeddings
 ``intent-bow``         hashed word/char n-gram linear model on raw text (no transformer)
+``breast-cancer``      scikit-learn example on tabular data (:mod:`training.breast_cancer`)
 =====================  =====================================================================
 
 The ensemble is not a stored model: its weights live in the pipeline spec. The bootstrap evaluates
@@ -41,6 +42,7 @@ from servecore.evaluation import accuracy, macro_f1
 from servecore.pipeline.batching import text_batch
 from servecore.registry.client import get_client, registry_failure
 from servecore.settings import get_settings, project_root
+from training import breast_cancer
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrapper = Bootstrapper(weights, members)
         before = {name: bootstrapper.has_champion(name) for name in SHIPPED}
         results = bootstrapper.run(data)
+        tabular = breast_cancer.register(bootstrapper.client)
     except (MlflowException, RegistryError) as e:
         # An unreachable store is an operator's problem to fix, not a traceback to read.
         print(f"error: {registry_failure(e, 'the bootstrap failed').message}", file=sys.stderr)
@@ -417,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  drift reference profile: {uri or 'already stored'}")
     for name in SHIPPED:
         print(f"  {name}@{ALIAS}: {'already registered' if before[name] else 'registered now'}")
+    state = "registered now" if tabular["registered"] else "already registered"
+    accuracy_bc = tabular["metrics"].get("test_accuracy", float("nan"))
+    print(
+        f"  {breast_cancer.MODEL_NAME}@{ALIAS}: {state} "
+        f"(version {tabular['version']}, test accuracy {accuracy_bc:.3f})"
+    )
     print(format_table(results))
     best = max(v["test_macro_f1"] for k, v in results.items() if k != "ensemble")
     if results["ensemble"]["test_macro_f1"] < best:

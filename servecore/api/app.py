@@ -1,5 +1,10 @@
-"""The FastAPI application every gateway replica serves: the protocol fronts' routers behind the
-one access guard, with errors in each protocol's own shape.
+"""The FastAPI applications gateway replicas serve: the protocol fronts' routers behind the one
+access guard, with errors in each protocol's own shape.
+
+* :data:`app` — the intent pipeline's gateway: REST v1, OpenAI embeddings, OIP v2, jobs, admin,
+  views, health.
+* :data:`model_app` — a generic model application's gateway (``graphs/model.py``): MLflow's
+  ``/invocations``, OIP v2, admin, views, health.
 
 A new protocol front is one module with a ``router`` (or, for gRPC, methods on the gateway through
 :class:`servecore.api.v2_grpc.InferenceServicer`): it parses its protocol, calls the traffic core
@@ -8,24 +13,37 @@ and renders the answer and the errors in its own shape.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from fastapi import FastAPI
 
-from servecore.api import admin, context, health, jobs, openai, v1, v2
+from servecore.api import admin, context, health, jobs, mlflow_scoring, openai, v1, v2, views
 from servecore.api.auth import Guard
 from servecore.api.http_errors import error_response, install_error_handlers
 
-app = FastAPI(
-    title="Intent serving",
-    version="0.1.0",
-    description="Customer-support intent routing on Ray Serve, models from the MLflow registry.",
+
+def build(title: str, description: str, fronts: tuple[ModuleType, ...]) -> FastAPI:
+    built = FastAPI(title=title, version="0.1.0", description=description)
+    install_error_handlers(built)
+    built.add_middleware(
+        Guard,
+        keyring=context.keyring,
+        limits=context.limits,
+        render=error_response,
+        rates=context.rates,
+    )
+    for front in fronts:
+        built.include_router(front.router)
+    return built
+
+
+app = build(
+    "Intent serving",
+    "Customer-support intent routing on Ray Serve, models from the MLflow registry.",
+    (v1, openai, v2, jobs, admin, views, health),
 )
-install_error_handlers(app)
-app.add_middleware(
-    Guard,
-    keyring=context.keyring,
-    limits=context.limits,
-    render=error_response,
-    rates=context.rates,
+model_app = build(
+    "Model serving",
+    "A registered MLflow model on Ray Serve: OIP v2 (REST and gRPC) and MLflow's /invocations.",
+    (mlflow_scoring, v2, admin, views, health),
 )
-for front in (v1, openai, v2, jobs, admin, health):
-    app.include_router(front.router)

@@ -97,6 +97,10 @@ def required_scope(path: str) -> Scope | None | Literal["open"]:
         return "open"
     if path == "/v2" or path.startswith(("/v2/models", "/v2/repository")):
         return "predict"
+    if path in ("/ping", "/health", "/version"):  # MLflow's scoring server's own probes
+        return "open"
+    if path == "/invocations":
+        return "predict"
     return None  # the docs, the OpenAPI schema, unknown paths (which then answer 404)
 
 

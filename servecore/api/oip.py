@@ -20,7 +20,8 @@ import numpy as np
 
 from servecore import LABELS
 from servecore.api.schemas import MAX_TEXT_CHARS, MAX_TEXTS_PER_REQUEST
-from servecore.errors import InvalidRequest, ModelNotFound, TooManyTexts
+from servecore.errors import InvalidRequest, ModelNotFound, NotReady, TooManyTexts
+from servecore.signature import NUMPY_OF_OIP, RawTensor
 from servecore.traffic.core import ServedModel, TrafficCore
 
 SERVER_NAME = "intent-serving"
@@ -179,7 +180,78 @@ def raw_of(tensor: Tensor) -> bytes:
     """A tensor's binary form (BYTES length-prefixed, numbers little-endian row-major)."""
     if tensor.datatype == "BYTES":
         return encode_bytes(tensor.value.reshape(-1))
-    return np.ascontiguousarray(tensor.value, dtype="<f4").tobytes()
+    dtype = np.dtype(NUMPY_OF_OIP[tensor.datatype]).newbyteorder("<")
+    return np.ascontiguousarray(tensor.value, dtype=dtype).tobytes()
+
+
+def json_values(tensor: Tensor) -> list[Any]:
+    """A tensor's values for a JSON body, row-major (BYTES as UTF-8 text)."""
+    flat = tensor.value.reshape(-1)
+    if tensor.datatype == "BYTES":
+        return [v.decode("utf-8", errors="replace") for v in flat]
+    if tensor.datatype == "FP32":
+        return np.asarray(flat, dtype=np.float32).tolist()
+    return [v.item() if isinstance(v, np.generic) else v for v in flat]
+
+
+class IntentBackend:
+    """The intent pipeline's models behind the OIP fronts (the functions above, on one core)."""
+
+    def __init__(self, core: TrafficCore) -> None:
+        self.core = core
+
+    @property
+    def sticky_header(self) -> str:
+        return self.core.sticky_header
+
+    async def metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        return await metadata(self.core, name, version)
+
+    async def model_ready(self, name: str, version: str | None) -> bool:
+        model = find_model(self.core, name)
+        await check_version(self.core, model, version)
+        return await _ready(self.core)
+
+    async def server_ready(self) -> bool:
+        return await _ready(self.core)
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        return await repository_index(self.core)
+
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        tensors: list[RawTensor],
+        wanted: list[str] | None,
+        request_id: str,
+        user_key: str | None = None,
+        use_cache: bool = True,
+    ) -> InferResult:
+        if len(tensors) != 1:
+            raise InvalidRequest(f"expected one input, {INPUT!r}; got {len(tensors)}")
+        tensor = tensors[0]
+        values = tensor.values if tensor.values is not None else []
+        texts = texts_of(tensor.name, tensor.datatype, tensor.shape, values)
+        return await infer(self.core, name, version, texts, wanted, request_id, user_key, use_cache)
+
+
+async def _ready(core: Any) -> bool:
+    try:
+        await core.check_ready()
+    except NotReady:
+        return False
+    return True
+
+
+def backend(core: Any) -> Any:
+    """The OIP backend of a gateway's core: :class:`IntentBackend` for the intent pipeline,
+    :class:`servecore.api.oip_model.ModelBackend` for a generic model application."""
+    if isinstance(core, TrafficCore):
+        return IntentBackend(core)
+    from servecore.api.oip_model import ModelBackend
+
+    return ModelBackend(core)
 
 
 async def infer(
@@ -271,7 +343,7 @@ async def repository_index(core: TrafficCore) -> list[dict[str, Any]]:
                 entries.append(_entry(model.name, variant, ready, error))
             continue
         held = loaded.get(model.stage, set())
-        for version in sorted(held | set(versions(core, model)), key=_version_key):
+        for version in sorted(held | set(versions(core, model)), key=version_key):
             ready = version in held
             reason = error or (None if ready else "not loaded: loads on first use")
             entries.append(_entry(model.name, version, ready, reason))
@@ -286,5 +358,5 @@ def _entry(name: str, version: str, ready: bool, reason: str | None) -> dict[str
     return entry
 
 
-def _version_key(version: str) -> tuple[int, str]:
+def version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 30, version)

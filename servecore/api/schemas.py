@@ -97,7 +97,8 @@ class EmbeddingsResponse(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelVersion]
-    ensemble_weights: dict[str, float]
+    ensemble_weights: dict[str, float] = {}
+    """The intent pipeline's soft-vote weights (empty for a generic model application)."""
     release: str
     """The exact versions being served, ``name/version`` joined by commas."""
     previous_release: str | None = None

@@ -15,8 +15,6 @@ from servecore.api.common import ERRORS, json_response
 from servecore.api.context import services
 from servecore.api.http_errors import request_id
 from servecore.api.schemas import (
-    ExperimentsResponse,
-    ModelsResponse,
     ModelVersion,
     Prediction,
     PredictRequest,
@@ -65,25 +63,3 @@ async def predict(body: PredictRequest, request: Request) -> Response:
     user_key = request.headers.get(core.sticky_header)
     answer = await core.classify(body.texts, user_key, use_cache, request_id(request), sample=True)
     return json_response(render(answer))
-
-
-@router.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)
-async def models() -> ModelsResponse:
-    """The release being served (the first A/B variant's): every stage's registered version,
-    with its aliases; ``variants`` names the release of every variant."""
-    return ModelsResponse(**services().core.release_summary())
-
-
-@router.get("/v1/experiments", response_model=ExperimentsResponse, responses=ERRORS)
-async def experiments() -> ExperimentsResponse:
-    """The A/B split with per-variant requests, latency and label counts; the shadow
-    comparison (agreement, latency difference); fallbacks and the breaker; the cache."""
-    return ExperimentsResponse(**services().core.experiment_summary())
-
-
-@router.get("/v1/monitoring/drift", responses=ERRORS)
-async def drift() -> Response:
-    """Input drift of live traffic against the served encoder version's reference profile:
-    ``status`` (``ok``, ``drift``, ``warming_up``, ``no_reference``, ``no_traffic``), each
-    signal's score, threshold and alarm, the window and the reference it is compared with."""
-    return json_response(await services().core.drift())

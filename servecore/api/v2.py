@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from servecore.api import oip
 from servecore.api.context import services
 from servecore.api.http_errors import register_error_shape, request_id
-from servecore.errors import InvalidRequest, NotReady, ServingError
+from servecore.errors import InvalidRequest, ServingError
+from servecore.signature import RawTensor
 
 router = APIRouter(prefix="/v2")
 HEADER_LENGTH = "inference-header-content-length"
@@ -60,7 +60,7 @@ class InferenceRequest(BaseModel):
 
     id: str | None = Field(default=None, max_length=256)
     parameters: dict[str, Scalar] = Field(default_factory=dict)
-    inputs: list[InputTensor] = Field(min_length=1, max_length=1)
+    inputs: list[InputTensor] = Field(min_length=1, max_length=256)
     outputs: list[OutputWish] | None = Field(default=None, max_length=8)
 
 
@@ -116,25 +116,20 @@ async def server_metadata() -> Response:
 @router.get("/models/{name}", responses=ERRORS)
 @router.get("/models/{name}/versions/{version}", responses=ERRORS)
 async def model_metadata(name: str, version: str | None = None) -> Response:
-    return _json(await oip.metadata(services().core, name, version))
+    return _json(await oip.backend(services().core).metadata(name, version))
 
 
 @router.get("/models/{name}/ready", responses=ERRORS)
 @router.get("/models/{name}/versions/{version}/ready", responses=ERRORS)
 async def model_ready(name: str, version: str | None = None) -> Response:
-    core = services().core
-    model = oip.find_model(core, name)
-    await oip.check_version(core, model, version)
-    try:
-        await core.check_ready()
-    except NotReady:
+    if not await oip.backend(services().core).model_ready(name, version):
         return _json({"name": name, "ready": False}, 400)
     return _json({"name": name, "ready": True})
 
 
 @router.post("/repository/index", responses=ERRORS)
 async def repository_index() -> Response:
-    return _json(await oip.repository_index(services().core))  # type: ignore[arg-type]
+    return _json(await oip.backend(services().core).repository_index())  # type: ignore[arg-type]
 
 
 INFER_BODY = {
@@ -161,24 +156,22 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     openapi_extra=INFER_BODY,
 )
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
-    core = services().core
+    found = oip.backend(services().core)
     raw = await request.body()
     body, binary = _split(raw, request.headers.get(HEADER_LENGTH))
     try:
         parsed = InferenceRequest.model_validate_json(body)
     except ValidationError as e:
         raise InvalidRequest(_describe(e)) from e
-    tensor = parsed.inputs[0]
-    texts = oip.texts_of(tensor.name, tensor.datatype, tensor.shape, _values(tensor, binary))
+    tensors = _tensors(parsed.inputs, binary)
     wanted = [o.name for o in parsed.outputs] if parsed.outputs is not None else None
-    result = await oip.infer(
-        core,
+    result = await found.infer(
         name,
         version,
-        texts,
+        tensors,
         wanted,
         request_id(request),
-        user_key=request.headers.get(core.sticky_header),
+        user_key=request.headers.get(found.sticky_header),
         use_cache="no-cache" not in request.headers.get("cache-control", "").lower(),
     )
     as_binary = _binary_outputs(parsed)
@@ -201,10 +194,8 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
             blob = oip.raw_of(tensor_out)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-        elif tensor_out.datatype == "BYTES":
-            entry["data"] = [v.decode("utf-8") for v in tensor_out.value.reshape(-1)]
         else:
-            entry["data"] = np.asarray(tensor_out.value, dtype=np.float32).reshape(-1).tolist()
+            entry["data"] = oip.json_values(tensor_out)
         outputs.append(entry)
     answer["outputs"] = outputs
     text = json.dumps(answer).encode()
@@ -227,24 +218,42 @@ def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return raw[:size], raw[size:]
 
 
-def _values(tensor: InputTensor, binary: bytes) -> list[Any]:
-    size = tensor.parameters.get("binary_data_size")
-    if size is not None:
+def _tensors(inputs: list[InputTensor], binary: bytes) -> list[RawTensor]:
+    """The request's input tensors: JSON data flattened, binary data cut in input order (BYTES
+    elements decoded, numbers left as little-endian bytes for the model's own check)."""
+    found = []
+    offset = 0
+    for tensor in inputs:
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise InvalidRequest(f"input {tensor.name!r} has no data")
+            found.append(
+                RawTensor(tensor.name, tensor.datatype, tensor.shape, _flatten(tensor.data))
+            )
+            continue
         if tensor.data is not None:
             raise InvalidRequest(f"input {tensor.name!r} has both data and binary_data_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+        left = len(binary) - offset
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= left:
             raise InvalidRequest(
                 f"input {tensor.name!r}: binary_data_size {size!r} does not match the "
-                f"{len(binary)} bytes after the JSON header"
+                f"{left} bytes after the JSON header"
             )
-        if tensor.datatype != "BYTES":
-            return []  # refused by the datatype check with a clear message
-        return list(oip.decode_bytes(binary))
-    if binary:
-        raise InvalidRequest("binary data after the JSON header, but no input claims it")
-    if tensor.data is None:
-        raise InvalidRequest(f"input {tensor.name!r} has no data")
-    return _flatten(tensor.data)
+        raw = binary[offset : offset + size]
+        offset += size
+        if tensor.datatype == "BYTES":
+            found.append(RawTensor(tensor.name, "BYTES", tensor.shape, oip.decode_bytes(raw)))
+        else:
+            found.append(RawTensor(tensor.name, tensor.datatype, tensor.shape, raw=raw))
+    if offset < len(binary):
+        if offset == 0:
+            raise InvalidRequest("binary data after the JSON header, but no input claims it")
+        raise InvalidRequest(
+            f"{len(binary) - offset} bytes of binary data after the JSON header that no input "
+            "claims"
+        )
+    return found
 
 
 def _flatten(data: list[Any]) -> list[Any]:

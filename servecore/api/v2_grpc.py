@@ -24,7 +24,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from servecore.api import context, oip
 from servecore.api.auth import Denial, admit
 from servecore.api.proto import inference_pb2 as pb
-from servecore.errors import InvalidRequest, NotReady, PayloadTooLarge, ServingError
+from servecore.errors import InvalidRequest, PayloadTooLarge, ServingError
+from servecore.signature import RawTensor
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -105,20 +106,49 @@ def _tensor_metadata(
     return [kind(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in tensors]
 
 
-def _texts(request: pb.ModelInferRequest, limit: int) -> list[str]:
-    if len(request.inputs) != 1:
-        raise InvalidRequest(f"expected one input, {oip.INPUT!r}; got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    if len(request.raw_input_contents) > 1:
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+"""The field of ``InferTensorContents`` that holds each datatype's values."""
+
+
+def _tensors(request: pb.ModelInferRequest, limit: int) -> list[RawTensor]:
+    """The request's input tensors: ``raw_input_contents`` (one entry per input, in order) or
+    each input's typed ``contents``."""
+    if len(request.raw_input_contents) > len(request.inputs):
         raise InvalidRequest("raw_input_contents holds more entries than there are inputs")
-    if request.raw_input_contents:
-        raw = request.raw_input_contents[0]
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"input {oip.INPUT!r}: over {limit} bytes")
-        values: list[Any] = oip.decode_bytes(raw) if tensor.datatype == "BYTES" else []
-    else:
-        values = list(tensor.contents.bytes_contents)
-    return oip.texts_of(tensor.name, tensor.datatype, list(tensor.shape), values)
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidRequest("raw_input_contents must hold one entry per input")
+    found = []
+    for i, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        if request.raw_input_contents:
+            raw = request.raw_input_contents[i]
+            if len(raw) > limit:
+                raise PayloadTooLarge(f"input {tensor.name!r}: over {limit} bytes")
+            if tensor.datatype == "BYTES":
+                found.append(RawTensor(tensor.name, "BYTES", shape, oip.decode_bytes(raw)))
+            elif tensor.datatype in _CONTENTS:
+                found.append(RawTensor(tensor.name, tensor.datatype, shape, raw=raw))
+            else:
+                found.append(RawTensor(tensor.name, tensor.datatype, shape, []))
+            continue
+        field = _CONTENTS.get(tensor.datatype, "bytes_contents")
+        found.append(
+            RawTensor(tensor.name, tensor.datatype, shape, list(getattr(tensor.contents, field)))
+        )
+    return found
 
 
 class InferenceServicer:
@@ -136,11 +166,8 @@ class InferenceServicer:
         self, request: pb.ServerReadyRequest, grpc_context: RayServegRPCContext
     ) -> pb.ServerReadyResponse:
         async def call(_: dict[str, str]) -> pb.ServerReadyResponse:
-            try:
-                await context.services().core.check_ready()
-            except NotReady:
-                return pb.ServerReadyResponse(ready=False)
-            return pb.ServerReadyResponse(ready=True)
+            ready = await oip.backend(context.services().core).server_ready()
+            return pb.ServerReadyResponse(ready=ready)
 
         return await _guarded(grpc_context, "ServerReady", pb.ServerReadyResponse(), call, True)
 
@@ -157,14 +184,9 @@ class InferenceServicer:
         self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelReadyResponse:
         async def call(_: dict[str, str]) -> pb.ModelReadyResponse:
-            core = context.services().core
-            model = oip.find_model(core, request.name)
-            await oip.check_version(core, model, request.version or None)
-            try:
-                await core.check_ready()
-            except NotReady:
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=True)
+            found = oip.backend(context.services().core)
+            ready = await found.model_ready(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=ready)
 
         return await _guarded(grpc_context, "ModelReady", pb.ModelReadyResponse(), call)
 
@@ -172,8 +194,8 @@ class InferenceServicer:
         self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelMetadataResponse:
         async def call(_: dict[str, str]) -> pb.ModelMetadataResponse:
-            found = await oip.metadata(
-                context.services().core, request.name, request.version or None
+            found = await oip.backend(context.services().core).metadata(
+                request.name, request.version or None
             )
             return pb.ModelMetadataResponse(
                 name=found["name"],
@@ -190,7 +212,7 @@ class InferenceServicer:
         self, request: pb.RepositoryIndexRequest, grpc_context: RayServegRPCContext
     ) -> pb.RepositoryIndexResponse:
         async def call(_: dict[str, str]) -> pb.RepositoryIndexResponse:
-            entries = await oip.repository_index(context.services().core)
+            entries = await oip.backend(context.services().core).repository_index()
             if request.ready:
                 entries = [e for e in entries if e["state"] == "READY"]
             index = pb.RepositoryIndexResponse.ModelIndex
@@ -204,17 +226,16 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         async def call(metadata: dict[str, str]) -> pb.ModelInferResponse:
             found = context.services()
-            core = found.core
-            texts = _texts(request, found.limits.max_body_bytes)
+            model_backend = oip.backend(found.core)
+            tensors = _tensors(request, found.limits.max_body_bytes)
             wanted = [o.name for o in request.outputs] or None
-            result = await oip.infer(
-                core,
+            result = await model_backend.infer(
                 request.model_name,
                 request.model_version or None,
-                texts,
+                tensors,
                 wanted,
                 request.id or str(uuid.uuid4()),
-                user_key=metadata.get(core.sticky_header.lower()),
+                user_key=metadata.get(model_backend.sticky_header.lower()),
                 use_cache="no-cache" not in metadata.get("cache-control", "").lower(),
             )
             response = pb.ModelInferResponse(

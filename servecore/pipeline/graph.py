@@ -163,7 +163,8 @@ class StageChain:
             if missing:
                 raise KeyError(f"stage {stage} needs columns {missing}; got {sorted(columns)}")
             started = time.perf_counter()
-            output = models[stage]({c: columns[c] for c in plan.reads})
+            fed = dict(columns) if plan.input == "rows" else {c: columns[c] for c in plan.reads}
+            output = models[stage](fed)
             if timings is not None:
                 timings.append((stage, rows, time.perf_counter() - started))
             for key, value in output.items():

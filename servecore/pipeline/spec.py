@@ -110,7 +110,8 @@ class StagePlan:
     deployment: str
     stage_class: str
     init_kwargs: dict[str, Any]
-    input: Literal["text", "tokens", "embedding", "members"]
+    input: Literal["text", "tokens", "embedding", "members", "rows"]
+    """What the stage reads; ``rows``: every column of the request (a generic model's inputs)."""
     output_prefix: str = ""
     members: tuple[str, ...] = field(default_factory=tuple)
     outputs: tuple[str, ...] = field(default_factory=tuple)
@@ -121,6 +122,8 @@ class StagePlan:
         """Columns the stage's class is fed (the ensemble reads its members' probabilities)."""
         if self.input == "members":
             return tuple(f"{member}.probs" for member in self.members)
+        if self.input == "rows":
+            return ()
         return _COLUMNS_OF_INPUT[self.input]
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
 import random
 import time
@@ -39,18 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ray.exceptions import RayError
 from ray.serve.context import _set_request_context
-from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from servecore import LABELS
 from servecore.errors import (
     ModelNotFound,
     ModelUnavailable,
-    NotDeployed,
-    NotReady,
     PipelineTimeout,
 )
 from servecore.monitoring.prediction_log import records as log_records
@@ -58,33 +52,36 @@ from servecore.monitoring.telemetry import metric
 from servecore.pipeline.batching import split_batch, text_batch
 from servecore.pipeline.graph import PREDICTION, Layout
 from servecore.pipeline.spec import PipelineSpec
-from servecore.traffic.coalescer import Coalescer
+from servecore.traffic.base import (
+    STAGE_ERRORS,
+    MonitoringConfig,
+    PrimaryUnavailable,
+    ServedModel,
+    ServingCore,
+    TrafficConfig,
+    registered_name,
+)
 from servecore.traffic.experiments import (
-    CacheConfig,
     CachedAnswer,
-    CircuitBreaker,
-    ExperimentConfig,
-    FallbackConfig,
-    ResponseCache,
-    ShadowConfig,
-    ShadowStats,
     VariantStats,
 )
-from servecore.traffic.releases import Release, poll_ticks, spec_model_uris
-from servecore.traffic.routing import StageOutput, deployment_result, finish_route, start_route
+from servecore.traffic.releases import Release
+from servecore.traffic.routing import StageOutput, finish_route, start_route
 
 logger = logging.getLogger("ray.serve")
 
+__all__ = [
+    "Classification",
+    "MonitoringConfig",
+    "ServedModel",
+    "TrafficConfig",
+    "TrafficCore",
+]
+"""``MonitoringConfig``, ``ServedModel`` and ``TrafficConfig`` live in :mod:`.base`; they are
+named here too, where the gateway and the fronts import them."""
+
 PREDICTION_AND_EMBEDDING = (*PREDICTION, "embedding")
 """What a graph call holding a request the monitor sees asks for."""
-
-# A stage that failed, is not deployed, or cannot take the call (back-pressure) — the caller may
-# retry. RayServeException covers BackPressureError, DeploymentUnavailableError and
-# servecore.traffic.routing.StageFailed (what a stage raised, as the gRPC transport delivers it).
-STAGE_ERRORS = (RayError, RayServeException, TimeoutError)
-
-MAX_CONCURRENT_BATCHES = 4
-READY_TIMEOUT_S = 10.0
 GraphRequest = tuple[list[str], str, bool]
 """What the coalescer gathers: one request's texts, its request id, and whether the monitor will
 see it (then the graph call also returns the texts' embeddings, which drift scoring needs, so
@@ -112,76 +109,7 @@ class Classification:
         return self.degraded_reason is not None
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """One model of the pipeline that callers may address on its own (OIP v2's model namespace):
-    the whole pipeline, the encoder, or one member."""
-
-    name: str
-    kind: str
-    """``pipeline``, ``encoder`` or ``member``."""
-    stage: str | None
-    """The stage that runs it; None for the pipeline."""
-    columns: tuple[str, ...]
-    """What a call to it returns (the stage's output columns)."""
-
-
-class MonitoringConfig(BaseModel):
-    """What the gateway hands the ``Monitor`` deployment (prediction log and drift window)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Share of classification requests (``/v1/predict``, the OIP v2 pipeline model) sent to the
-    monitor (all their texts). A sampled
-    request's graph call also returns its embeddings, so drift scoring costs no second encoder
-    pass (only answers served from the cache are embedded again by the monitor)."""
-    flush_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
-    """Samples are sent in one call per interval (or sooner, once 256 are waiting)."""
-    max_buffered: int = Field(default=10_000, ge=1, le=1_000_000)
-    """Samples waiting to be sent; more are dropped (the monitor is down or slow)."""
-
-
-class TrafficConfig(BaseModel):
-    """Live knobs of the traffic core (part of the ``Gateway`` deployment's ``user_config``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(default=64, ge=1, le=1024)
-    """Most texts merged into one graph call (a larger single request still runs, alone)."""
-    max_concurrent_batches: int = Field(default=MAX_CONCURRENT_BATCHES, ge=1, le=64)
-    """Graph calls in flight at once; more requests wait and join the next call."""
-    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Extra wait for a call to fill once a slot is free; 0 sends whatever is queued."""
-    graph_timeout_s: float = Field(default=20.0, gt=0.0, le=300.0)
-    """Deadline of one graph call; past it the callers get a 503 and the slot is freed."""
-    registry_poll_s: float = Field(default=10.0, ge=0.0, le=3600.0)
-    """How often the registry is checked for alias moves; 0 pins the release the gateway
-    started with. A move is served within about two polls plus one warm-up call."""
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
-    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
-    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
-
-    @model_validator(mode="after")
-    def _shadow_variant_exists(self) -> TrafficConfig:
-        names = [v.name for v in self.experiment.variants]
-        if self.shadow.variant is not None and self.shadow.variant not in names:
-            raise ValueError(f"shadow.variant {self.shadow.variant!r} is not one of {names}")
-        return self
-
-
-class PrimaryUnavailable(Exception):
-    """The primary pipeline did not answer: ``code`` is ``circuit_open``, ``deadline`` or
-    ``error``; the message is what the degraded answer gives as its reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class TrafficCore:
+class TrafficCore(ServingCore[GraphRequest]):
     """See the module docstring. ``groups`` are the handles of the pipeline's stage groups,
     ``monitor`` the drift monitor's (None: nothing is sampled)."""
 
@@ -192,169 +120,23 @@ class TrafficCore:
         monitor: DeploymentHandle | None = None,
     ) -> None:
         self.spec = spec
-        self.groups = dict(groups)
-        self.layout = Layout(self.spec)
-        self._pins: dict[str, dict[str, str]] = {}
-        self._version_pins: dict[tuple[str, str], str] = {}
-        """(stage, registered version) → its pinned URI, once the registry confirmed it."""
-        self.monitor = monitor
-        self._samples: collections.deque[dict[str, Any]] = collections.deque()
-        self._sample_sender: asyncio.Task[None] | None = None
-        self.samples_dropped = 0
-        self.text_stages = [m.deployment for m in self.spec.members if m.input == "text"]
-        self.prefixes = {plan.deployment: plan.output_prefix for plan in self.spec.stage_plans()}
-        self.encoder_name = self.spec.encoder_name()
-        self.stage_uris = {
-            plan.deployment: plan.init_kwargs.get("model_uri") for plan in self.spec.stage_plans()
-        }
-        self.uris = spec_model_uris(self.spec)
+        self.layout = Layout(spec)
+        self.text_stages = [m.deployment for m in spec.members if m.input == "text"]
+        self.prefixes = {plan.deployment: plan.output_prefix for plan in spec.stage_plans()}
+        self.encoder_name = spec.encoder_name()
+        super().__init__(spec, groups, monitor, self.text_stages, "a text-input member")
         self._served = self._addressable()
-        knobs = TrafficConfig()
-        self.knobs = knobs
-        self.releases: dict[str, Release] = {
-            v.name: Release.resolve_variant(self.uris, v.alias) for v in knobs.experiment.variants
-        }
-        self.previous_releases: dict[str, Release] = {}
-        self.release_swaps = 0
-        self.release_error: str | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self.graph_timeout_s = knobs.graph_timeout_s
-        self.coalescers: dict[str, Coalescer[GraphRequest, StageOutput]] = {}
-        self.variant_stats: dict[str, VariantStats] = {}
-        self.shadow_stats = ShadowStats()
-        self._shadow_tasks: set[asyncio.Task[None]] = set()
-        self.breaker = CircuitBreaker(knobs.fallback.failure_threshold, knobs.fallback.cooldown_s)
-        self.fallbacks: dict[str, int] = {}
-        self.cache = ResponseCache(knobs.cache)
-        logger.info("traffic core serving %s", {n: r.key for n, r in self.releases.items()})
 
-    @property
-    def sticky_header(self) -> str:
-        """The request header whose value keeps a caller on one A/B variant."""
-        return self.knobs.experiment.sticky_header
+    def _summary_extras(self) -> dict[str, Any]:
+        return {"ensemble_weights": dict(self.spec.ensemble.weights)}
 
-    async def configure(self, knobs: TrafficConfig) -> None:
-        """Apply new live knobs (async: it touches asyncio state, coalescers and tasks, that
-        belongs to the replica's loop)."""
-        stage = knobs.fallback.stage
-        if stage is not None and stage not in self.text_stages:
-            raise ValueError(
-                f"fallback.stage {stage!r} must be a text-input member: {self.text_stages}"
-            )
-        wanted = {v.name: v.alias for v in knobs.experiment.variants}
-        missing = {
-            name: alias
-            for name, alias in wanted.items()
-            if name not in self.releases or self._alias_of(name) != alias
-        }
-        if missing:
-            resolved = await asyncio.to_thread(
-                lambda: {n: Release.resolve_variant(self.uris, a) for n, a in missing.items()}
-            )
-            self.releases.update(resolved)
-        for name in set(self.releases) - set(wanted):
-            del self.releases[name]
-        previous, self.knobs = self.knobs, knobs
-        self.graph_timeout_s = knobs.graph_timeout_s
-        for coalescer in self.coalescers.values():
-            coalescer.configure(
-                knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
-            )
-        # A/B counters describe one experiment: a new split (variants, aliases or weights)
-        # starts them again, as a new shadow starts the shadow comparison, so traffic served
-        # under the old settings never mixes into the comparison of the new ones.
-        if knobs.experiment != previous.experiment:
-            self.variant_stats = {}
-        if knobs.shadow != previous.shadow:
-            self.shadow_stats = ShadowStats()
-        if knobs.fallback != previous.fallback:  # new settings: a fresh circuit
-            self.breaker = CircuitBreaker(
-                knobs.fallback.failure_threshold, knobs.fallback.cooldown_s
-            )
-        self.cache.configure(knobs.cache)
-        self._ensure_watcher()
+    async def _warm_up(self, release: Release) -> None:
+        await self._graph(["warm-up"], release, 6 * self.graph_timeout_s)
 
-    def _alias_of(self, variant: str) -> str | None:
-        for v in self.knobs.experiment.variants:
-            if v.name == variant:
-                return v.alias
-        return None
-
-    def _ensure_watcher(self) -> None:
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch_registry())
-
-    def resolve_all(self) -> dict[str, Release]:
-        """Every variant's release as the registry's aliases name it now (blocking: call it in
-        a thread)."""
-        return {
-            v.name: Release.resolve_variant(self.uris, v.alias)
-            for v in self.knobs.experiment.variants
-        }
-
-    async def _watch_registry(self) -> None:
-        """Follow alias moves: see the module docstring."""
-        candidate: dict[str, Release] = {}
-        poll_failed = False
-        async for _ in poll_ticks(lambda: self.knobs.registry_poll_s):
-            try:
-                found = await asyncio.to_thread(self.resolve_all)
-            except Exception as e:  # noqa: BLE001 - keep serving the current releases
-                self.release_error = f"registry poll failed: {e}"
-                logger.warning("%s", self.release_error)
-                poll_failed = True
-                continue
-            if poll_failed:  # the error shown was the poll's: it no longer holds
-                logger.info("the registry answers again")
-                self.release_error = None
-                poll_failed = False
-            moved = self._moved(found)
-            if not moved:
-                candidate = {}
-                continue
-            if any(not r.same_versions(candidate.get(n)) for n, r in moved.items()):
-                candidate = moved  # wait for a second poll to agree: aliases move one by one
-                continue
-            await self._switch(moved)
-            candidate = {}
-
-    def _moved(self, found: dict[str, Release]) -> dict[str, Release]:
-        return {
-            name: release
-            for name, release in found.items()
-            if name in self.releases and not release.same_versions(self.releases[name])
-        }
-
-    async def _switch(self, moved: dict[str, Release]) -> bool:
-        """Warm ``moved`` up through the whole graph, then serve it; on failure keep the old."""
-        try:
-            for release in moved.values():
-                await self._graph(["warm-up"], release, 6 * self.graph_timeout_s)
-        except Exception as e:  # noqa: BLE001 - the old release keeps answering
-            self.release_error = f"warm-up of {list(moved)} failed: {e!r}"
-            logger.error("%s", self.release_error)
-            return False
-        for name, release in moved.items():
-            logger.info("gateway: %s %s -> %s", name, self.releases[name].key, release.key)
-            self.previous_releases[name] = self.releases[name]
-            self.releases[name] = release
-        self.release_swaps += 1
-        self.release_error = None
-        self.cache.clear()
-        return True
+    def _request_size(self, request: GraphRequest) -> int:
+        return len(request[0])
 
     # --- the graph ---------------------------------------------------------------------------
-
-    def _pins_of(self, release: Release) -> dict[str, str]:
-        """Stage → the pinned model URI it runs for ``release`` (stages without a model absent)."""
-        pins = self._pins.get(release.key)
-        if pins is None:
-            found = {stage: release.pin(uri) for stage, uri in self.stage_uris.items()}
-            pins = {stage: pin for stage, pin in found.items() if pin is not None}
-            if len(self._pins) > 64:  # releases come and go: keep the memo small
-                self._pins.clear()
-            self._pins[release.key] = pins
-        return pins
 
     async def _run(
         self,
@@ -382,26 +164,6 @@ class TrafficCore:
             PREDICTION_AND_EMBEDDING if embed else PREDICTION, texts, release, timeout_s
         )
 
-    def _coalescer(self, variant: str) -> Coalescer[GraphRequest, StageOutput]:
-        coalescer = self.coalescers.get(variant)
-        if coalescer is None:
-            knobs = self.knobs
-
-            async def run(requests: list[GraphRequest]) -> list[StageOutput]:
-                return await self._predict_batch(variant, requests)
-
-            coalescer = Coalescer(
-                run,
-                max_batch_size=knobs.max_batch_size,
-                max_concurrent=knobs.max_concurrent_batches,
-                size_of=lambda request: len(request[0]),
-            )
-            coalescer.configure(
-                knobs.max_batch_size, knobs.max_concurrent_batches, knobs.batch_wait_timeout_s
-            )
-            self.coalescers[variant] = coalescer
-        return coalescer
-
     async def _predict_batch(self, variant: str, requests: list[GraphRequest]) -> list[StageOutput]:
         sizes = [len(texts) for texts, _, _ in requests]
         ids = [rid for _, rid, _ in requests]
@@ -420,34 +182,6 @@ class TrafficCore:
             embed=any(embed for _, _, embed in requests),
         )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
-
-    async def _primary(
-        self, variant: str, texts: list[str], rid: str, embed: bool = False
-    ) -> StageOutput:
-        """The full pipeline, behind the circuit breaker and the fallback deadline."""
-        fallback = self.knobs.fallback
-        if fallback.stage is None:
-            return await self._coalescer(variant).submit((texts, rid, embed))
-        if not self.breaker.allow():
-            raise PrimaryUnavailable(
-                "circuit_open", "circuit open: the primary pipeline failed repeatedly"
-            )
-        try:
-            output = await asyncio.wait_for(
-                self._coalescer(variant).submit((texts, rid, embed)), fallback.deadline_s
-            )
-        except TimeoutError as e:
-            self.breaker.failure()
-            raise PrimaryUnavailable(
-                "deadline", f"the primary pipeline missed its {fallback.deadline_s:g}s deadline"
-            ) from e
-        except STAGE_ERRORS as e:
-            self.breaker.failure()
-            raise PrimaryUnavailable(
-                "error", f"the primary pipeline failed ({type(e).__name__})"
-            ) from e
-        self.breaker.success()
-        return output
 
     async def _fallback(self, texts: list[str], release: Release) -> StageOutput:
         stage = self.knobs.fallback.stage
@@ -527,19 +261,6 @@ class TrafficCore:
             self._sample(texts, answer, cached_flags, embeddings, rid, started)
         return answer
 
-    def _sampled(self) -> bool:
-        """Whether the monitor sees this request (drawn before its graph call, so that the call
-        brings the embeddings back with the answer)."""
-        rate = self.knobs.monitoring.sample_rate
-        return self.monitor is not None and rate > 0 and random.random() < rate
-
-    @staticmethod
-    def _observe_request(variant: str, outcome: str, started: float) -> None:
-        metric("intent_request_latency_ms").observe(
-            (time.perf_counter() - started) * 1000.0,
-            tags={"variant": variant, "outcome": outcome},
-        )
-
     async def _answer_variant(
         self,
         texts: list[str],
@@ -576,7 +297,7 @@ class TrafficCore:
         if missing:
             asked = [texts[i] for i in missing]
             try:
-                output = await self._primary(variant, asked, rid, embed)
+                output = await self._primary(variant, (asked, rid, embed))
             except (PrimaryUnavailable, *STAGE_ERRORS) as e:
                 if self.knobs.fallback.stage is None:
                     stats.errors += 1
@@ -665,28 +386,7 @@ class TrafficCore:
             if embedding is not None:
                 record["embedding"] = embedding
         self._samples.extend(records)
-        if self._sample_sender is None or self._sample_sender.done():
-            # A fresh context, not this request's: the sender outlives the request and carries
-            # other requests' samples too.
-            self._sample_sender = asyncio.create_task(
-                self._send_samples(), context=contextvars.Context()
-            )
-
-    async def _send_samples(self) -> None:
-        """Send what is queued in one call per interval (or per 256 samples)."""
-        assert self.monitor is not None
-        while self._samples:
-            deadline = time.monotonic() + self.knobs.monitoring.flush_interval_s
-            while len(self._samples) < 256 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            batch = [self._samples.popleft() for _ in range(min(len(self._samples), 1024))]
-            try:
-                await asyncio.wait_for(self.monitor.record.remote(batch), 30.0)
-            except Exception as e:  # noqa: BLE001 - monitoring never fails a request
-                self.samples_dropped += len(batch)
-                logger.warning("monitor did not take %d samples: %r", len(batch), e)
-
-    # --- single models, for fronts that address them one by one ----------------------------
+        self._start_sender()
 
     def served_models(self) -> list[ServedModel]:
         """The pipeline (named after the application's encoder family: ``intent``), the encoder
@@ -697,7 +397,7 @@ class TrafficCore:
         models = [ServedModel(self.pipeline_name, "pipeline", None, PREDICTION)]
         models.append(ServedModel(self.encoder_name, "encoder", "Encoder", ("embedding",)))
         for member in self.spec.members:
-            name = _registered_name(member.model_uri) or member.name
+            name = registered_name(member.model_uri) or member.name
             column = f"{self.prefixes[member.deployment]}probs"
             models.append(ServedModel(name, "member", member.deployment, (column,)))
         return models
@@ -705,41 +405,6 @@ class TrafficCore:
     @property
     def pipeline_name(self) -> str:
         return self.encoder_name.split("-")[0] or "pipeline"
-
-    def release_for(self, user_key: str | None) -> tuple[str, Release]:
-        """The A/B variant ``user_key`` is assigned to, and its release."""
-        variant = self.knobs.experiment.assign(user_key)
-        return variant, self.releases[variant]
-
-    def stage_version(self, stage: str, release: Release) -> dict[str, Any] | None:
-        """The registered version ``stage`` runs in ``release`` (name, version, aliases, uri)."""
-        uri = self.stage_uris.get(stage)
-        for ref in release.refs:
-            if ref.uri == uri:
-                return {**ref.to_dict(), "uri": uri}
-        return None
-
-    async def version_pins(self, model: ServedModel, version: str) -> dict[str, str]:
-        """Stage → pinned URI for registered ``version`` of ``model``, for every stage that runs
-        that registered model (the encoder's version pins its tokenizer too). A version the
-        registry does not hold is :class:`ModelNotFound`. Stage replicas load a pinned version on
-        first use and keep a bounded number loaded (``max_loaded_versions``)."""
-        from servecore.registry.client import pinned_version_uri
-
-        uri = self.stage_uris.get(model.stage or "")
-        if uri is None:
-            raise ModelNotFound(f"model {model.name!r} has no registered versions")
-        pinned = self._version_pins.get((model.name, version))
-        if pinned is None:
-            pinned = await asyncio.to_thread(pinned_version_uri, uri, version)
-            if len(self._version_pins) > 256:
-                self._version_pins.clear()
-            self._version_pins[model.name, version] = pinned
-        return {
-            stage: pinned
-            for stage, stage_uri in self.stage_uris.items()
-            if _registered_name(stage_uri) == model.name
-        }
 
     async def run(
         self,
@@ -762,92 +427,3 @@ class TrafficCore:
             raise ModelUnavailable(f"{what} is unavailable; retry shortly") from e
 
     # --- health and views ------------------------------------------------------------------
-
-    async def describe_groups(self) -> list[dict[str, Any]]:
-        """Every stage group's ``describe()`` (what it has loaded); raises what a group raised."""
-        calls = [handle.describe.remote() for handle in self.groups.values()]
-        found: list[dict[str, Any]] = await deployment_result(
-            asyncio.gather(*calls), READY_TIMEOUT_S
-        )
-        return found
-
-    async def check_ready(self) -> None:
-        """Every stage replica has loaded its model and answers; else :class:`NotReady`."""
-        try:
-            await self.describe_groups()
-        except STAGE_ERRORS as e:
-            raise NotReady("not every stage is ready") from e
-
-    def release_summary(self) -> dict[str, Any]:
-        """The release being served (the first A/B variant's): every stage's registered version,
-        the ensemble weights, the previous release, swaps, the last error, every variant's."""
-        primary = self.knobs.experiment.variants[0].name
-        release = self.releases[primary]
-        previous = self.previous_releases.get(primary)
-        return {
-            "models": [
-                {"stage": stage, **info}
-                for stage in self.stage_uris
-                if (info := self.stage_version(stage, release)) is not None
-            ],
-            "ensemble_weights": dict(self.spec.ensemble.weights),
-            "release": release.key,
-            "previous_release": None if previous is None else previous.key,
-            "release_swaps": self.release_swaps,
-            "release_error": self.release_error,
-            "variants": {name: r.key for name, r in self.releases.items()},
-        }
-
-    def experiment_summary(self) -> dict[str, Any]:
-        """The A/B split with per-variant statistics, the shadow comparison, fallbacks with the
-        breaker, and the cache."""
-        knobs = self.knobs
-        return {
-            "sticky_header": knobs.experiment.sticky_header,
-            "variants": [
-                {
-                    **v.model_dump(),
-                    "release": self.releases[v.name].key,
-                    **self.variant_stats.get(v.name, VariantStats()).to_dict(),
-                }
-                for v in knobs.experiment.variants
-            ],
-            "shadow": {**knobs.shadow.model_dump(), **self.shadow_stats.to_dict()},
-            "fallback": {
-                **knobs.fallback.model_dump(),
-                "fallbacks": dict(self.fallbacks),
-                "circuit": self.breaker.to_dict(),
-            },
-            "cache": self.cache.to_dict(),
-        }
-
-    async def drift(self) -> dict[str, Any]:
-        """The monitor's drift report, with the samples this replica had to drop."""
-        if self.monitor is None:
-            raise NotDeployed("this application has no monitor deployment")
-        try:
-            report: dict[str, Any] = await deployment_result(
-                self.monitor.drift.remote(), READY_TIMEOUT_S
-            )
-        except STAGE_ERRORS as e:
-            raise ModelUnavailable("the monitor is unavailable; retry shortly") from e
-        report["gateway_samples_dropped"] = self.samples_dropped
-        return report
-
-    async def switch_to(self, found: dict[str, Release]) -> dict[str, Any]:
-        """Switch to the releases of ``found`` (from :meth:`resolve_all`) that moved, after a
-        warm-up call through the whole graph, without waiting for the next poll."""
-        moved = self._moved(found)
-        if moved and not await self._switch(moved):
-            raise ModelUnavailable(f"the new release did not warm up: {self.release_error}")
-        return {
-            "switched": sorted(moved),
-            "variants": {name: r.key for name, r in self.releases.items()},
-        }
-
-
-def _registered_name(uri: str | None) -> str | None:
-    """``models:/intent-head-mlp@champion`` → ``intent-head-mlp``."""
-    if not uri or not uri.startswith("models:/"):
-        return None
-    return uri.removeprefix("models:/").split("/")[0].split("@")[0]

@@ -275,6 +275,8 @@ class CachedAnswer:
     models: dict[str, dict[str, Any]]
     size: int
     expires: float
+    value: Any = None
+    """A generic model's outputs for the row (label and probs stay empty)."""
 
 
 class ResponseCache:
@@ -329,17 +331,20 @@ class ResponseCache:
         label: str,
         probs: Sequence[float],
         models: dict[str, dict[str, Any]],
+        value: Any = None,
+        size: int = 0,
     ) -> None:
+        """Store an answer; a generic model's answer is ``value`` (``size`` its bytes)."""
         if not self.config.enabled or self.config.max_entries == 0:
             return
         key = self.key(text, release)
-        size = sys.getsizeof(key[0]) + 8 * len(probs) + len(label) + 64
+        size += sys.getsizeof(key[0]) + 8 * len(probs) + len(label) + 64
         if size > self.config.max_bytes:
             return
         if key in self._entries:
             self._drop(key)
         expires = self.clock() + self.config.ttl_s
-        self._entries[key] = CachedAnswer(label, tuple(probs), models, size, expires)
+        self._entries[key] = CachedAnswer(label, tuple(probs), models, size, expires, value)
         self.bytes += size
         self._shrink()
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from servecore.registry.client import ModelRef, parse_model_uri, resolve
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from servecore.pipeline.spec import PipelineSpec
+    from servecore.pipeline.spec import StagePlan
 
 
 def pinned_uri(ref: ModelRef) -> str:
@@ -34,7 +34,13 @@ def pinned_uri(ref: ModelRef) -> str:
     return f"models:/{ref.name}/{ref.version}"
 
 
-def spec_model_uris(spec: PipelineSpec) -> list[str]:
+class StagedSpec(Protocol):
+    """An application's spec: the intent pipeline's or a generic model's."""
+
+    def stage_plans(self) -> list[StagePlan]: ...
+
+
+def spec_model_uris(spec: StagedSpec) -> list[str]:
     """Every registry URI of the spec's stages, each once, in stage order."""
     found: list[str] = []
     for plan in spec.stage_plans():

@@ -31,3 +31,19 @@ def run_triton_check(
     assert done.returncode == 0, done.stderr[-3000:]
     report: dict[str, Any] = json.loads(done.stdout)
     return report
+
+
+def run_model_check(
+    http: str, grpc_target: str, app: str, model: str, rows: Path, version: str | None = None
+) -> dict[str, Any]:
+    """What ``tests/clients/model_check.py`` saw for a generic model application."""
+    assert CLIENTS_PYTHON.exists(), f"{CLIENTS_PYTHON} is missing: `make test` creates it"
+    command = [str(CLIENTS_PYTHON), str(ROOT / "tests/clients/model_check.py")]
+    command += ["--http", http, "--grpc", grpc_target, "--app", app, "--model", model]
+    command += ["--rows", str(rows)]
+    if version is not None:
+        command += ["--version", version]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batch.inputs import detect_format, expand_input
+from batch.inputs import detect_format, expand_input, read_table
 from batch.pipeline import JobOptions, _count_rows, _join, configure_progress, write_text
 from batch.plan import TASK_CPUS
 from servecore.config_check import find_app, load_app_spec, load_config
 from servecore.pipeline.model_spec import MODEL_STAGE, ModelAppSpec
-from servecore.signature import ModelSchema
+from servecore.signature import NUMPY_OF_OIP, ModelSchema, named_outputs
 
 logger = logging.getLogger("batch")
 
@@ -53,7 +53,9 @@ def rejection_reasons(frame: pd.DataFrame, schema: ModelSchema) -> pd.Series:
         column = frame[spec.name]
         bad = column.isna() if spec.required else pd.Series(False, index=frame.index)
         if spec.datatype != "BYTES" and spec.datatype != "BOOL":
-            numbers = pd.to_numeric(column, errors="coerce")
+            # float64, not the column's own dtype: pyarrow-backed columns keep NaN apart from
+            # null, and a coerced non-number is a NaN.
+            numbers = pd.to_numeric(column.astype(object), errors="coerce").astype("float64")
             bad |= numbers.isna() & column.notna()
         reasons[bad & reasons.isna()] = f"{spec.name}: missing or not a number"
     return reasons
@@ -80,9 +82,10 @@ class ModelRows:
             if spec.name in frame.columns:
                 values = frame[spec.name].to_numpy()
                 if spec.datatype not in ("BYTES", "BOOL"):
-                    values = pd.to_numeric(frame[spec.name]).to_numpy()
+                    numbers = pd.to_numeric(frame[spec.name].astype(object))
+                    values = numbers.to_numpy(NUMPY_OF_OIP[spec.datatype])
                 batch[spec.name] = values
-        outputs = self.model(batch)
+        outputs = named_outputs(self.model(batch), schema)
         out = pd.DataFrame({self.id_column: frame[self.id_column].to_numpy()})
         for name, column in outputs.items():
             out[name] = list(column) if column.ndim > 1 else column
@@ -131,16 +134,8 @@ class ModelJob:
         return cls(options, spec, pinned, schema, max(1, max_actors), num_cpus)
 
     def _read(self) -> Any:
-        import ray.data
-
         paths = expand_input(self.options.input)
-        fmt = detect_format(paths)
-        if fmt == "parquet":
-            dataset = ray.data.read_parquet(paths)
-        elif fmt == "csv":
-            dataset = ray.data.read_csv(paths)
-        else:
-            dataset = ray.data.read_json(paths, lines=True)
+        dataset = read_table(paths, detect_format(paths), self.options.num_blocks)
         if self.options.id_column not in dataset.columns():
             raise ValueError(
                 f"the input has no id column {self.options.id_column!r} (--id-column); "
@@ -180,7 +175,10 @@ def run_model_job(options: JobOptions, ray_startup_s: float = 0.0) -> dict[str, 
     output = options.output if "://" in options.output else os.path.abspath(options.output)
     predictions_path = _join(output, "predictions")
     rejects_path = _join(output, "rejects")
-    write_args: dict[str, Any] = {"mode": SaveMode.OVERWRITE}
+    write_args: dict[str, Any] = {
+        "mode": SaveMode.OVERWRITE,
+        "ray_remote_args": {"num_cpus": TASK_CPUS},
+    }
     started = time.perf_counter()
     job.rejects().write_parquet(rejects_path, **write_args)
     job.predictions().write_parquet(predictions_path, **write_args)

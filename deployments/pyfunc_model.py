@@ -8,9 +8,9 @@ run the same class on the same batch.
 
 What ``predict`` is given follows the model's signature (:mod:`servecore.signature`): a DataFrame
 of the signature's columns in its order and dtypes, or the tensor(s) of a tensor signature. Its
-answer becomes output columns: a DataFrame's columns, a dict's entries, or one column named after
-the signature's single output (``predictions`` when unnamed). A model logged without a signature
-is refused at load with the reason.
+answer becomes output columns: a DataFrame's columns, a dict's entries, or for an array one column
+named ``predictions`` (the fronts give it the signature's name where a protocol names outputs).
+A model logged without a signature is refused at load with the reason.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 from servecore.errors import RegistryError
 from servecore.pipeline.batching import Batch
 from servecore.registry.client import ModelRef, resolve
-from servecore.signature import PREDICTIONS, ModelSchema, schema_of
+from servecore.signature import PREDICTIONS, schema_of
 
 
-def output_columns(output: Any, schema: ModelSchema) -> Batch:
+def output_columns(output: Any) -> Batch:
     """``predict``'s answer as columns with one entry per row."""
     import pandas as pd
 
@@ -37,8 +37,10 @@ def output_columns(output: Any, schema: ModelSchema) -> Batch:
         return {str(k): _column(np.asarray(v)) for k, v in output.items()}
     if isinstance(output, pd.Series):
         output = output.to_numpy()
-    name = schema.outputs[0].name if len(schema.outputs) == 1 else PREDICTIONS
-    return {name: _column(np.asarray(output))}
+    # Named "predictions" whatever the signature calls it: the gateway answers /invocations with
+    # a list for it, as MLflow's server answers an array, and names it after the signature in
+    # OIP (servecore.signature.named_outputs).
+    return {PREDICTIONS: _column(np.asarray(output))}
 
 
 def _column(array: np.ndarray) -> np.ndarray:
@@ -93,4 +95,4 @@ class PyfuncModel:
         )
 
     def __call__(self, batch: Batch) -> Batch:
-        return output_columns(self.model.predict(self.model_input(batch)), self.schema)
+        return output_columns(self.model.predict(self.model_input(batch)))

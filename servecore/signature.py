@@ -193,6 +193,15 @@ def _fields(schema: Any, tensors: bool, default_name: str) -> tuple[FieldSpec, .
     return tuple(found)
 
 
+def named_outputs(outputs: Mapping[str, np.ndarray], schema: ModelSchema) -> dict[str, Any]:
+    """A model's outputs with the signature's names: an array answer (one column named
+    :data:`PREDICTIONS`, which is what MLflow's scoring server answers as a list) takes the name
+    of the signature's one output when it has one."""
+    if list(outputs) == [PREDICTIONS] and len(schema.outputs) == 1:
+        return {schema.outputs[0].name: outputs[PREDICTIONS]}
+    return dict(outputs)
+
+
 # --- requests: OIP tensors -------------------------------------------------------------------
 
 

@@ -94,7 +94,8 @@ def _shipped_health_check(deployment: str) -> dict[str, float]:
     dead replica), so that the replica-kill test measures what ships."""
     from servecore.config_check import load_config
 
-    (app,) = load_config(ROOT / "serve_config.yaml")["applications"]
+    apps = load_config(ROOT / "serve_config.yaml")["applications"]
+    (app,) = [a for a in apps if a["name"] == "intent"]
     (found,) = [d for d in app["deployments"] if d["name"] == deployment]
     return {"health_check_period_s": found["health_check_period_s"]}
 

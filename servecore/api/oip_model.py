@@ -16,7 +16,12 @@ import numpy as np
 
 from servecore.api.oip import PLATFORM, InferResult, Tensor, version_key
 from servecore.errors import InvalidRequest, ModelNotFound, NotReady
-from servecore.signature import RawTensor, batch_from_tensors, oip_datatype_of_dtype
+from servecore.signature import (
+    RawTensor,
+    batch_from_tensors,
+    named_outputs,
+    oip_datatype_of_dtype,
+)
 from servecore.traffic.model_core import ModelCore, Prediction
 
 
@@ -141,7 +146,7 @@ class ModelBackend:
             answer = await core.predict_version(rows, version, request_id)
         else:
             answer = await core.predict(rows, user_key, use_cache, request_id, variant=variant)
-        outputs = output_tensors(answer.outputs)
+        outputs = output_tensors(named_outputs(answer.outputs, schema))
         if wanted is not None:
             names = [t.name for t in outputs]
             unknown = [w for w in wanted if w not in names]

@@ -17,8 +17,9 @@ naming the field, so a front answers 4xx in its own shape, never 500.
 
 Types: MLflow ``double``/``float`` are OIP ``FP64``/``FP32``, ``long``/``integer`` ``INT64``/
 ``INT32``, ``boolean`` ``BOOL``, ``string``/``binary``/``datetime`` ``BYTES``. A numeric input may
-come as a wider-or-equal numeric datatype that converts without loss (``INT32`` or ``INT64`` for a
-``double`` column, ``FP32`` for ``FP64``), as MLflow's own schema enforcement allows.
+come as a numeric datatype numpy casts to it safely (``INT32`` or ``INT64`` for a
+``double`` column, ``FP32`` for ``FP64``), as numpy's safe casting and MLflow's own schema
+enforcement allow.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ NUMPY_OF_OIP = {
     "FP64": np.float64,
 }
 _LOSSLESS = {
-    "FP64": {"FP32", "INT8", "INT16", "INT32", "UINT8", "UINT16", "UINT32"},
+    # INT64 as numpy (and MLflow's schema enforcement) allow it: exact up to 2**53
+    "FP64": {"FP32", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"},
     "FP32": {"FP16", "INT8", "INT16", "UINT8", "UINT16"},
     "INT64": {"INT8", "INT16", "INT32", "UINT8", "UINT16", "UINT32"},
     "INT32": {"INT8", "INT16", "UINT8", "UINT16"},
@@ -449,10 +451,13 @@ def _split_payload(payload: Any) -> dict[str, list[Any]]:
         raise InvalidRequest("dataframe_split.data must be a list of rows")
     out: dict[str, list[Any]] = {c: [] for c in columns}
     for i, row in enumerate(data):
-        if not isinstance(row, list) or len(row) != len(columns):
-            width = len(row) if isinstance(row, list) else "not a list"
+        if not isinstance(row, list):
             raise InvalidRequest(
-                f"dataframe_split.data[{i}] has {width} values for {len(columns)} columns"
+                f"dataframe_split.data[{i}] must be a list of {len(columns)} values"
+            )
+        if len(row) != len(columns):
+            raise InvalidRequest(
+                f"dataframe_split.data[{i}] has {len(row)} values for {len(columns)} columns"
             )
         for column, value in zip(columns, row, strict=True):
             out[column].append(value)

@@ -350,6 +350,15 @@ def test_breast_cancer_drift_per_feature(apps, shipped_app):
     assert same["status"] == "ok" and same["drifted"] == []
     assert same["statistic"] == "psi" and same["reference"].endswith("reference/train.parquet")
     assert max(f["psi"] for f in same["features"].values()) < 0.05
+    # every sampled row is in the prediction log, its inputs hashed (the shipped text policy)
+    from servecore.settings import get_settings
+
+    files = get_settings().prediction_log_folder.glob("predictions-breast-cancer-*")
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(records) >= len(train)
+    assert {r["app"] for r in records} == {"breast-cancer"}
+    assert all("text_hash" in r and "text" not in r for r in records)
+    assert {r["outputs"]["predictions"] for r in records} <= {"malignant", "benign"}
     shifted = train.assign(mean_radius=train.mean_radius * 1.6)
     send(shifted)
     moved = report_after(len(train))

@@ -208,3 +208,26 @@ def test_a_private_clusters_haproxy_ports_are_free_and_outside_the_ephemeral_ran
     with socket.socket() as taken:  # a port in use is never chosen
         taken.bind(("0.0.0.0", ports[0]))
         assert quiet_port(random.Random(7)) != ports[0]
+
+
+def test_fit_check_refuses_replicas_the_machine_cannot_hold(tmp_path):
+    from servecore.config_check import check_fit
+
+    assert check_fit(ROOT / "serve_config.yaml", cpus=2, gpus=0) == []
+    config = copy.deepcopy(load_config(ROOT / "serve_config.yaml"))
+    cancer = next(a for a in config["applications"] if a["name"] == "breast-cancer")
+    model = next(d for d in cancer["deployments"] if d["name"] == "Model")
+    model["ray_actor_options"] = {"num_cpus": 3, "num_gpus": 0.5}
+    path = tmp_path / "greedy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert check_fit(path, cpus=2, gpus=0) == [
+        "applications[breast-cancer].deployments[Model]: one replica asks num_cpus = 3, more "
+        "than the 2 available; it would stay pending forever",
+        "applications[breast-cancer].deployments[Model]: one replica asks num_gpus = 0.5, more "
+        "than the 0 available; it would stay pending forever",
+        "the applications start with num_cpus = 4 in all, more than the 2 available; some "
+        "replicas would stay pending",
+        "the applications start with num_gpus = 0.5 in all, more than the 0 available; some "
+        "replicas would stay pending",
+    ]
+    assert check_fit(ROOT / "serve_config.gpu.yaml", cpus=16, gpus=1) == []

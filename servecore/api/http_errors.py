@@ -53,15 +53,15 @@ under ``/v2/``); every other path answers in DESIGN contract 7's shape."""
 
 
 def register_error_shape(prefix: str, shape: Shape) -> None:
-    """Render errors of requests under ``prefix`` with ``shape`` (route, validation and guard
-    errors alike)."""
+    """Render errors of requests to ``prefix`` and the paths under it with ``shape`` (route,
+    validation and guard errors alike)."""
     _SHAPES[prefix] = shape
 
 
 def _render(error: ServingError, request: Request) -> JSONResponse:
     path = route_path(request.scope)
     for prefix, shape in _SHAPES.items():
-        if path.startswith(prefix):
+        if path == prefix or path.startswith(f"{prefix}/"):  # "/health" is not "/healthz"
             return shape(error, request)
     # Serve itself echoes the request id in the X-Request-ID response header.
     return JSONResponse(

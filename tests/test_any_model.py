@@ -554,6 +554,79 @@ def test_ab_split_between_aliases_with_a_shadow(apps, fraud, shipped_app):
     shipped_app(config_with())
 
 
+def register_python_model(python_model: Any) -> str:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from servecore.registry.client import configure_mlflow
+
+    configure_mlflow()
+    frame, _ = synthetic(7, n=20)
+    frame = frame[frame.amount < 1000]
+    with mlflow.start_run(run_name=type(python_model).__name__):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model,
+            signature=infer_signature(frame, np.array(["ok"] * len(frame))),
+            input_example=frame.head(3),
+            registered_model_name=FRAUD,
+            pip_requirements=["pandas", "numpy"],
+        )
+    return str(info.registered_model_version)
+
+
+def test_fallback_model_answers_when_the_primary_fails_and_a_broken_version_is_never_served(
+    apps, fraud, shipped_app
+):
+    from tests.pyfunc_models import BrokenFraudModel, PickyFraudModel
+
+    picky = register_python_model(PickyFraudModel())
+    broken = register_python_model(BrokenFraudModel())
+    config = config_with(gateway={"fallback": {"stage": "Fallback", "deadline_s": 10}})
+    entry = config["applications"][-1]
+    entry["args"]["fallback_uri"] = f"models:/{FRAUD}/{fraud['v1']}"
+    entry["deployments"].append(
+        {"name": "Fallback", "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
+    )
+    shipped_app(config)
+    _wait_ok(f"{apps}/fraud/readyz")
+    base = f"{apps}/fraud"
+    probe = fraud["probe"].head(3).assign(amount=[50.0, 150.0, 5000.0])
+
+    def ask(rows: pd.DataFrame) -> httpx.Response:
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+        return httpx.post(
+            f"{base}/invocations", json=body, headers={"Cache-Control": "no-cache"}, timeout=60
+        )
+
+    move_alias(picky)
+    deadline = time.monotonic() + 60
+    while ask(probe.head(2)).headers["x-model-version"] != picky:
+        assert time.monotonic() < deadline, "the picky version was never served"
+        time.sleep(0.5)
+    assert ask(probe.head(2)).json() == {"predictions": ["ok", "fraud"]}
+    r = ask(probe)  # the primary raises on 5000: the fallback (version 1) answers every row
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-degraded"], r.headers["x-model-version"]) == ("true", fraud["v1"])
+    assert r.json() == {"predictions": pyfunc(fraud["v1"]).predict(probe).tolist()}
+    fallback = httpx.get(f"{base}/v1/experiments", timeout=30).json()["fallback"]
+    assert fallback["fallbacks"] == {"error": 1}
+
+    move_alias(broken)  # its warm-up call fails: the gateway keeps serving the picky version
+    deadline = time.monotonic() + 60
+    while True:
+        summary = httpx.get(f"{base}/v1/models", timeout=30).json()
+        if summary["release_error"] and "warm-up" in summary["release_error"]:
+            break
+        assert time.monotonic() < deadline, summary
+        time.sleep(0.5)
+    assert summary["release"] == f"{FRAUD}/{picky},{FRAUD}/{fraud['v1']}"
+    r = ask(probe.head(2))
+    assert (r.status_code, r.headers["x-model-version"]) == (200, picky)
+    move_alias(fraud["v1"])
+    shipped_app(config_with())
+
+
 def test_config_check_refuses_a_model_without_signature(registry, tmp_path):
     import mlflow
     from sklearn.linear_model import LinearRegression

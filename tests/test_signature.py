@@ -216,3 +216,18 @@ def test_pyfunc_model_serves_a_saved_model_with_its_signature(tmp_path):
     mlflow.sklearn.save_model(model, tmp_path / "unsigned")
     with pytest.raises(NoSignature):
         PyfuncModel(model_dir=tmp_path / "unsigned")
+
+
+def test_invocations_answer_as_mlflow_scoring_server_does():
+    from deployments.pyfunc_model import output_columns
+    from servecore.api.mlflow_scoring import predictions_json
+
+    labels = np.array(["ok", "fraud"])
+    assert predictions_json(output_columns(labels)) == ["ok", "fraud"]
+    assert predictions_json(output_columns(pd.Series([0.5, 1.5]))) == [0.5, 1.5]
+    frame = pd.DataFrame({"label": ["ok", "fraud"], "score": [0.1, 0.9]})
+    assert predictions_json(output_columns(frame)) == frame.to_dict(orient="records")
+    one = pd.DataFrame({"label": ["ok", "fraud"]})
+    assert predictions_json(output_columns(one)) == one.to_dict(orient="records")
+    matrix = np.array([[0.2, 0.8], [0.6, 0.4]])
+    assert predictions_json(output_columns(matrix)) == matrix.tolist()

@@ -107,16 +107,7 @@ def read_input(
 
     common: dict[str, Any] = {"override_num_blocks": num_blocks, "num_cpus": TASK_CPUS}
     if fmt == "parquet":
-        # The V2 parquet reader lists files in a task that always asks for a whole CPU, which
-        # never starts on a small node whose other CPUs the stages (or Serve) hold. The V1 reader
-        # lists on the driver and honours num_cpus.
-        context = ray.data.DataContext.get_current()
-        previous = context.use_datasource_v2
-        context.use_datasource_v2 = False
-        try:
-            return ray.data.read_parquet(list(paths), file_extensions=None, **common)
-        finally:
-            context.use_datasource_v2 = previous
+        return _read_parquet(paths, common)
     if fmt == "csv":
         return ray.data.read_csv(
             list(paths),
@@ -135,16 +126,25 @@ def read_table(paths: Sequence[str], fmt: Format, num_blocks: int | None = None)
 
     common: dict[str, Any] = {"override_num_blocks": num_blocks, "num_cpus": TASK_CPUS}
     if fmt == "parquet":
-        context = ray.data.DataContext.get_current()
-        previous = context.use_datasource_v2
-        context.use_datasource_v2 = False
-        try:
-            return ray.data.read_parquet(list(paths), file_extensions=None, **common)
-        finally:
-            context.use_datasource_v2 = previous
+        return _read_parquet(paths, common)
     if fmt == "csv":
         return ray.data.read_csv(list(paths), **common)
     return ray.data.read_json(list(paths), lines=True, file_extensions=None, **common)
+
+
+def _read_parquet(paths: Sequence[str], common: dict[str, Any]) -> Dataset:
+    """The V2 parquet reader lists files in a task that always asks for a whole CPU, which never
+    starts on a small node whose other CPUs the stages (or Serve) hold. The V1 reader lists on
+    the driver and honours ``num_cpus``."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(list(paths), file_extensions=None, **common)
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def _raw(value: Any) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from batch.inputs import detect_format, expand_input, read_table
-from batch.pipeline import JobOptions, _count_rows, _join, configure_progress, write_text
+from batch.pipeline import JobOptions, OutputFolder, _count_rows, configure_progress, write_text
 from batch.plan import TASK_CPUS
 from servecore.config_check import find_app, load_app_spec, load_config
 from servecore.pipeline.model_spec import MODEL_STAGE, ModelAppSpec
@@ -133,7 +133,7 @@ class ModelJob:
         num_cpus = float(overrides.get("num_cpus", cpus))
         return cls(options, spec, pinned, schema, max(1, max_actors), num_cpus)
 
-    def _read(self) -> Any:
+    def read(self) -> Any:
         paths = expand_input(self.options.input)
         dataset = read_table(paths, detect_format(paths), self.options.num_blocks)
         if self.options.id_column not in dataset.columns():
@@ -146,7 +146,7 @@ class ModelJob:
     def predictions(self) -> Any:
         from ray.data import ActorPoolStrategy
 
-        return self._read().map_batches(
+        return self.read().map_batches(
             ModelRows,
             fn_constructor_kwargs={"model_uri": self.pinned, "id_column": self.options.id_column},
             compute=ActorPoolStrategy(min_size=1, max_size=self.max_actors),
@@ -156,7 +156,7 @@ class ModelJob:
         )
 
     def rejects(self) -> Any:
-        return self._read().map_batches(
+        return self.read().map_batches(
             rejected_rows,
             fn_kwargs={"schema": self.schema.to_dict(), "id_column": self.options.id_column},
             batch_format="pandas",
@@ -166,25 +166,15 @@ class ModelJob:
 
 def run_model_job(options: JobOptions, ray_startup_s: float = 0.0) -> dict[str, Any]:
     """Score ``options.input`` into ``options.output``; returns (and writes) the summary."""
-    from ray.data import SaveMode
-
-    if not options.output:
-        raise ValueError("a batch job needs an output folder")
+    folder = OutputFolder.of(options)
     configure_progress(options.progress)
     job = ModelJob.prepare(options)
-    output = options.output if "://" in options.output else os.path.abspath(options.output)
-    predictions_path = _join(output, "predictions")
-    rejects_path = _join(output, "rejects")
-    write_args: dict[str, Any] = {
-        "mode": SaveMode.OVERWRITE,
-        "ray_remote_args": {"num_cpus": TASK_CPUS},
-    }
     started = time.perf_counter()
-    job.rejects().write_parquet(rejects_path, **write_args)
-    job.predictions().write_parquet(predictions_path, **write_args)
+    job.rejects().write_parquet(folder.rejects, **folder.write_args)
+    job.predictions().write_parquet(folder.predictions, **folder.write_args)
     elapsed = time.perf_counter() - started
-    scored = _count_rows(predictions_path)
-    rejected = _count_rows(rejects_path)
+    scored = _count_rows(folder.predictions)
+    rejected = _count_rows(folder.rejects)
     summary: dict[str, Any] = {
         "app": options.app,
         "config": str(options.config),
@@ -197,9 +187,9 @@ def run_model_job(options: JobOptions, ray_startup_s: float = 0.0) -> dict[str, 
         "elapsed_s": round(elapsed, 2),
         "ray_startup_s": round(ray_startup_s, 2),
         "actors": {"max": job.max_actors, "num_cpus": job.num_cpus},
-        "predictions": predictions_path,
-        "rejects": rejects_path,
-        "summary": _join(output, "summary.json"),
+        "predictions": folder.predictions,
+        "rejects": folder.rejects,
+        "summary": folder.summary,
     }
     write_text(summary["summary"], json.dumps(summary, indent=2) + "\n")
     return summary
@@ -228,7 +218,7 @@ def run_model_parity(
 
     job = ModelJob.prepare(options)
     offline = job.predictions().to_pandas().sort_values(options.id_column)
-    inputs = job._read().to_pandas().set_index(options.id_column).loc[offline[options.id_column]]
+    inputs = job.read().to_pandas().set_index(options.id_column).loc[offline[options.id_column]]
     names = [spec.name for spec in job.schema.inputs if spec.name in inputs.columns]
     prefix = find_app(load_config(options.config), options.app).get("route_prefix", "/")
     endpoint = f"{url.rstrip('/')}{prefix.rstrip('/')}/invocations"

@@ -323,21 +323,41 @@ def write_text(path: str, text: str) -> None:
         Path(path).write_text(text)
 
 
+@dataclass(frozen=True)
+class OutputFolder:
+    """Where a job writes: ``predictions/``, ``rejects/`` (parquet) and ``summary.json``."""
+
+    root: str
+    predictions: str
+    rejects: str
+    summary: str
+    write_args: dict[str, Any]
+    """``write_parquet`` arguments: overwrite, tasks asking for :data:`TASK_CPUS`."""
+
+    @classmethod
+    def of(cls, options: JobOptions) -> OutputFolder:
+        from ray.data import SaveMode
+
+        if not options.output:
+            raise ValueError("a batch job needs an output folder")
+        root = options.output if "://" in options.output else os.path.abspath(options.output)
+        write_args = {"mode": SaveMode.OVERWRITE, "ray_remote_args": {"num_cpus": TASK_CPUS}}
+        return cls(
+            root,
+            _join(root, "predictions"),
+            _join(root, "rejects"),
+            _join(root, "summary.json"),
+            write_args,
+        )
+
+
 def run_job(options: JobOptions, ray_startup_s: float = 0.0) -> dict[str, Any]:
     """Score ``options.input`` into ``options.output``; returns (and writes) the summary."""
-    from ray.data import SaveMode
-
-    if not options.output:
-        raise ValueError("a batch job needs an output folder")
+    folder = OutputFolder.of(options)
     configure_progress(options.progress)
     pipeline = BatchPipeline.prepare(options)
-    output = options.output if "://" in options.output else os.path.abspath(options.output)
-    predictions_path = _join(output, "predictions")
-    rejects_path = _join(output, "rejects")
-    write_args: dict[str, Any] = {
-        "mode": SaveMode.OVERWRITE,
-        "ray_remote_args": {"num_cpus": TASK_CPUS},
-    }
+    predictions_path, rejects_path = folder.predictions, folder.rejects
+    write_args = folder.write_args
     logger.info(
         "scoring %d %s file(s) with stages %s",
         len(pipeline.paths),
@@ -379,7 +399,7 @@ def run_job(options: JobOptions, ray_startup_s: float = 0.0) -> dict[str, Any]:
         "resource_adjustments": pipeline.adjustments,
         "predictions": predictions_path,
         "rejects": rejects_path,
-        "summary": _join(output, "summary.json"),
+        "summary": folder.summary,
     }
     write_text(summary["summary"], json.dumps(summary, indent=2) + "\n")
     return summary

@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from deployments.pyfunc_model import load_pyfunc
 from servecore import LABELS
-from servecore.errors import RegistryError
 from servecore.pipeline.batching import Batch
-from servecore.registry.client import ModelRef, resolve
 
 
 def to_probabilities(
@@ -71,23 +70,7 @@ class PyfuncMember:
         model_dir: str | os.PathLike[str] | None = None,
         labels: Sequence[str] | None = None,
     ) -> None:
-        import mlflow.pyfunc
-
-        from servecore.registry.client import configure_mlflow
-
-        if (model_uri is None) == (model_dir is None):
-            raise ValueError("give exactly one of model_uri or model_dir")
-        if model_uri is not None:
-            configure_mlflow()
-            self.model_ref = resolve(model_uri)
-            load_uri = f"models:/{self.model_ref.name}/{self.model_ref.version}"
-        else:
-            self.model_ref = ModelRef.local(model_dir)  # type: ignore[arg-type]
-            load_uri = str(model_dir)
-        try:
-            self.model = mlflow.pyfunc.load_model(load_uri)
-        except Exception as e:  # noqa: BLE001 - any loader failure is a registry problem here
-            raise RegistryError(f"cannot load pyfunc model {load_uri}: {e}") from e
+        self.model_ref, self.model, load_uri = load_pyfunc(model_uri, model_dir)
         self.labels: tuple[str, ...] = tuple(LABELS)
         metadata = getattr(self.model, "metadata", None)
         stored = (getattr(metadata, "metadata", None) or {}).get("labels")

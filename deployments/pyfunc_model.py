@@ -51,6 +51,31 @@ def _column(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def load_pyfunc(
+    model_uri: str | None, model_dir: str | os.PathLike[str] | None
+) -> tuple[ModelRef, Any, str]:
+    """A pyfunc model from a registry URI (resolved to its exact version first) or a folder:
+    the reference answers name, the loaded model, and the URI it was loaded from. A loader
+    failure is a :class:`~servecore.errors.RegistryError`."""
+    import mlflow.pyfunc
+
+    from servecore.registry.client import configure_mlflow
+
+    if (model_uri is None) == (model_dir is None):
+        raise ValueError("give exactly one of model_uri or model_dir")
+    if model_uri is not None:
+        configure_mlflow()
+        ref = resolve(model_uri)
+        load_uri = f"models:/{ref.name}/{ref.version}"
+    else:
+        ref = ModelRef.local(model_dir)  # type: ignore[arg-type]
+        load_uri = str(model_dir)
+    try:
+        return ref, mlflow.pyfunc.load_model(load_uri), load_uri
+    except Exception as e:  # noqa: BLE001 - any loader failure is a registry problem here
+        raise RegistryError(f"cannot load pyfunc model {load_uri}: {e}") from e
+
+
 class PyfuncModel:
     """Rows (the signature's inputs) → outputs, through ``mlflow.pyfunc``."""
 
@@ -60,23 +85,7 @@ class PyfuncModel:
         model_dir: str | os.PathLike[str] | None = None,
         num_threads: int | None = None,
     ) -> None:
-        import mlflow.pyfunc
-
-        from servecore.registry.client import configure_mlflow
-
-        if (model_uri is None) == (model_dir is None):
-            raise ValueError("give exactly one of model_uri or model_dir")
-        if model_uri is not None:
-            configure_mlflow()
-            self.model_ref = resolve(model_uri)
-            load_uri = f"models:/{self.model_ref.name}/{self.model_ref.version}"
-        else:
-            self.model_ref = ModelRef.local(model_dir)  # type: ignore[arg-type]
-            load_uri = str(model_dir)
-        try:
-            self.model = mlflow.pyfunc.load_model(load_uri)
-        except Exception as e:  # noqa: BLE001 - any loader failure is a registry problem here
-            raise RegistryError(f"cannot load pyfunc model {load_uri}: {e}") from e
+        self.model_ref, self.model, load_uri = load_pyfunc(model_uri, model_dir)
         self.schema = schema_of(self.model.metadata.signature, load_uri)
         torch = sys.modules.get("torch")
         if num_threads is not None and torch is not None:  # a torch flavor: one thread per CPU

@@ -37,10 +37,10 @@ import numpy as np
 
 from servecore import LABELS
 from servecore.dataset import load_split
-from servecore.errors import RegistryError, RegistryUnavailable
+from servecore.errors import RegistryError
 from servecore.evaluation import accuracy, macro_f1
 from servecore.pipeline.batching import text_batch
-from servecore.registry.client import get_client, registry_failure
+from servecore.registry.client import experiment_id, get_client, has_alias, registry_failure
 from servecore.settings import get_settings, project_root
 from training import breast_cancer
 
@@ -154,25 +154,10 @@ class Bootstrapper:
         self.client = get_client()
         self.weights = weights
         self.member_models = member_models  # member name -> registered model name
-        settings = get_settings()
-        experiment = self.client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(
-                settings.experiment_name, artifact_location=settings.artifact_root
-            )
-        else:
-            experiment_id = experiment.experiment_id
-        self.experiment_id = experiment_id
+        self.experiment_id = experiment_id(self.client)
 
     def has_champion(self, name: str) -> bool:
-        try:
-            self.client.get_model_version_by_alias(name, ALIAS)
-        except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
-            failure = registry_failure(e, f"cannot read {name}@{ALIAS}")
-            if isinstance(failure, RegistryUnavailable):
-                raise failure from e
-            return False
-        return True
+        return has_alias(self.client, name, ALIAS)
 
     def _register(
         self,

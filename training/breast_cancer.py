@@ -34,9 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from servecore.errors import RegistryUnavailable
-from servecore.registry.client import get_client, registry_failure
-from servecore.settings import get_settings
+from servecore.registry.client import get_client
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,24 +115,9 @@ def evaluate(model: Any, test_frame: pd.DataFrame) -> dict[str, float]:
 
 def has_champion(client: MlflowClient) -> bool:
     """Whether ``breast-cancer@champion`` exists; an unreachable registry raises."""
-    try:
-        client.get_model_version_by_alias(MODEL_NAME, ALIAS)
-    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
-        failure = registry_failure(e, f"cannot read {MODEL_NAME}@{ALIAS}")
-        if isinstance(failure, RegistryUnavailable):
-            raise failure from e
-        return False
-    return True
+    from servecore.registry.client import has_alias
 
-
-def _experiment_id(client: MlflowClient) -> str:
-    settings = get_settings()
-    experiment = client.get_experiment_by_name(settings.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(
-        settings.experiment_name, artifact_location=settings.artifact_root
-    )
+    return has_alias(client, MODEL_NAME, ALIAS)
 
 
 def register(client: MlflowClient | None = None) -> dict[str, Any]:
@@ -160,7 +143,9 @@ def register(client: MlflowClient | None = None) -> dict[str, Any]:
     # The fluent API below must write where ``client`` reads.
     mlflow.set_tracking_uri(client.tracking_uri)
     mlflow.set_registry_uri(client._registry_uri)
-    experiment_id = _experiment_id(client)
+    from servecore.registry.client import experiment_id
+
+    experiment = experiment_id(client)
 
     train_frame, test_frame = split(load_frame())
     model = train(train_frame)
@@ -168,7 +153,7 @@ def register(client: MlflowClient | None = None) -> dict[str, Any]:
     x_train = train_frame[feature_names()]
     signature = infer_signature(x_train, pd.Series(model.predict(x_train), name=LABEL))
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=MODEL_NAME) as run:
+    with mlflow.start_run(experiment_id=experiment, run_name=MODEL_NAME) as run:
         mlflow.log_params(
             {
                 "model_type": "StandardScaler+LogisticRegression",

@@ -121,6 +121,33 @@ def get_client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def experiment_id(client: MlflowClient) -> str:
+    """The id of the settings' experiment, created (with the settings' artifact root) when the
+    store has none yet: where the bootstrap logs its runs."""
+    from servecore.settings import get_settings
+
+    settings = get_settings()
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    return str(
+        client.create_experiment(settings.experiment_name, artifact_location=settings.artifact_root)
+    )
+
+
+def has_alias(client: MlflowClient, name: str, alias: str) -> bool:
+    """Whether ``name@alias`` exists; a store that does not answer raises
+    :class:`~servecore.errors.RegistryUnavailable` (an unanswered question is not a "no")."""
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except Exception as e:  # noqa: BLE001 - sorted into refused / unavailable
+        failure = registry_failure(e, f"cannot read {name}@{alias}")
+        if isinstance(failure, RegistryUnavailable):
+            raise failure from e
+        return False
+    return True
+
+
 def resolve(uri: str, client: MlflowClient | None = None) -> ModelRef:
     """Resolve an alias or version URI to the registered version it names right now."""
     name, alias, version = parse_model_uri(uri)

@@ -25,20 +25,29 @@ import contextvars
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.exceptions import RayError
+from ray.serve.context import _set_request_context
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from servecore.errors import ModelNotFound, ModelUnavailable, NotDeployed, NotReady
+from servecore.errors import (
+    ModelNotFound,
+    ModelUnavailable,
+    NotDeployed,
+    NotReady,
+    PipelineTimeout,
+)
 from servecore.monitoring.telemetry import metric
+from servecore.pipeline.batching import Batch
 from servecore.traffic.coalescer import Coalescer
 from servecore.traffic.experiments import (
     CacheConfig,
+    CachedAnswer,
     CircuitBreaker,
     ExperimentConfig,
     FallbackConfig,
@@ -372,6 +381,120 @@ class ServingCore(Generic[Request]):
             ) from e
         self.breaker.success()
         return output
+
+    def _variant_for(self, user_key: str | None, variant: str | None) -> str:
+        """The caller's A/B variant (sticky by ``user_key``), or the one it names (an unknown one
+        is :class:`ModelNotFound`); counted per variant."""
+        if variant is None:
+            variant = self.knobs.experiment.assign(user_key)
+        elif variant not in self.releases:
+            raise ModelNotFound(f"no variant {variant!r}; variants: {sorted(self.releases)}")
+        metric("intent_variant_requests").inc(tags={"variant": variant})
+        return variant
+
+    def _cache_lookup(
+        self, keys: Sequence[str], release: Release, use_cache: bool
+    ) -> list[CachedAnswer | None]:
+        """The cached answer of every key on ``release`` (None where there is none, and for every
+        key when the caller bypasses the cache); hits, misses and bypasses are counted."""
+        lookups = metric("intent_cache_lookups")
+        if not use_cache:
+            self.cache.bypassed += 1
+            lookups.inc(len(keys), tags={"result": "bypass"})
+            return [None] * len(keys)
+        cached = [self.cache.get(key, release.key) for key in keys]
+        hits = sum(hit is not None for hit in cached)
+        for result, n in (("hit", hits), ("miss", len(keys) - hits)):
+            if n:
+                lookups.inc(n, tags={"result": result})
+        return cached
+
+    async def _answer_or_fallback(
+        self,
+        variant: str,
+        request: Request,
+        fallback: Callable[[], Awaitable[StageOutput]],
+        what: str,
+    ) -> tuple[StageOutput, str | None]:
+        """The primary's output for ``request``, or with ``fallback.stage`` set and the primary
+        failing, late or behind an open circuit, ``fallback()``'s; and why the backup answered
+        (None when the primary did). Errors name ``what`` answers (``model pipeline``...)."""
+        stats = self.variant_stats.setdefault(variant, VariantStats())
+        try:
+            return await self._primary(variant, request), None
+        except (PrimaryUnavailable, *STAGE_ERRORS) as e:
+            if self.knobs.fallback.stage is None:
+                stats.errors += 1
+                if isinstance(e, TimeoutError):
+                    raise PipelineTimeout(
+                        f"the {what} did not answer within {self.graph_timeout_s:g}s; retry shortly"
+                    ) from e
+                raise ModelUnavailable(f"the {what} is unavailable; retry shortly") from e
+            code = e.code if isinstance(e, PrimaryUnavailable) else "error"
+            reason = str(e) if isinstance(e, PrimaryUnavailable) else repr(e)
+        try:
+            output = await fallback()
+        except STAGE_ERRORS as fallback_error:
+            stats.errors += 1
+            raise ModelUnavailable(
+                f"the {what} and its fallback are unavailable; retry shortly"
+            ) from fallback_error
+        self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
+        metric("intent_fallbacks").inc(tags={"reason": code})
+        return output, reason
+
+    # --- shadow ----------------------------------------------------------------------------
+
+    def _labels_of(self, batch: Batch) -> list[str]:
+        """The labels in a graph call's output, which the shadow compares."""
+        raise NotImplementedError
+
+    def _maybe_shadow(self, variant: str, request: Request, labels: list[str], took: float) -> None:
+        """Replay ``request`` (answered with ``labels`` in ``took`` s) on the shadow variant, off
+        the response path, when the shadow knobs draw it."""
+        shadow = self.knobs.shadow
+        if shadow.variant is None or shadow.variant == variant or shadow.fraction <= 0:
+            return
+        if random.random() >= shadow.fraction:
+            return
+        if len(self._shadow_tasks) >= shadow.max_in_flight:
+            self.shadow_stats.skipped += 1
+            return
+        task = asyncio.create_task(self._shadow(shadow.variant, request, labels, took))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, variant: str, request: Request, labels: list[str], took: float) -> None:
+        started = time.perf_counter()
+        try:
+            output = await asyncio.wait_for(
+                self._coalescer(variant).submit(request), self.graph_timeout_s
+            )
+        except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
+            self.shadow_stats.errors += 1
+            logger.warning("shadow call to %s failed: %r", variant, e)
+            return
+        shadow_labels = self._labels_of(output.batch)
+        if len(shadow_labels) != len(labels):
+            return  # outputs that are not labels (scores): nothing to compare
+        self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
+        agreed = sum(a == b for a, b in zip(labels, shadow_labels, strict=True))
+        comparisons = metric("intent_shadow_comparisons")
+        for outcome, n in (("agree", agreed), ("disagree", len(labels) - agreed)):
+            if n:
+                comparisons.inc(n, tags={"variant": variant, "outcome": outcome})
+
+    # --- batches and monitoring --------------------------------------------------------------
+
+    @staticmethod
+    def _batch_started(ids: list[str], rows: int, what: str) -> None:
+        """Give a coalesced call the request id of its first request (every stage's log lines
+        carry it; this task runs in the coalescer's own context) and log which requests it
+        carries."""
+        _set_request_context(request_id=ids[0])
+        if len(ids) > 1:
+            logger.info("%s %s carries %d requests: %s", what, ids[0], len(ids), ids)
+        metric("intent_batch_size").observe(rows, tags={"stage": "Gateway"})
 
     def _sampled(self) -> bool:
         """Whether the monitor sees this request (drawn before its graph call, so that the call

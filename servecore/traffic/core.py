@@ -28,41 +28,35 @@ One instance lives in each gateway replica, on the replica's event loop.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ray.serve.context import _set_request_context
 from ray.serve.handle import DeploymentHandle
 
 from servecore import LABELS
 from servecore.errors import (
-    ModelNotFound,
     ModelUnavailable,
     PipelineTimeout,
 )
 from servecore.monitoring.prediction_log import records as log_records
 from servecore.monitoring.telemetry import metric
-from servecore.pipeline.batching import split_batch, text_batch
+from servecore.pipeline.batching import Batch, split_batch, text_batch
 from servecore.pipeline.graph import PREDICTION, Layout
 from servecore.pipeline.spec import PipelineSpec
 from servecore.traffic.base import (
     STAGE_ERRORS,
     MonitoringConfig,
-    PrimaryUnavailable,
     ServedModel,
     ServingCore,
     TrafficConfig,
     registered_name,
 )
 from servecore.traffic.experiments import (
-    CachedAnswer,
     VariantStats,
 )
 from servecore.traffic.releases import Release
@@ -167,13 +161,7 @@ class TrafficCore(ServingCore[GraphRequest]):
     async def _predict_batch(self, variant: str, requests: list[GraphRequest]) -> list[StageOutput]:
         sizes = [len(texts) for texts, _, _ in requests]
         ids = [rid for _, rid, _ in requests]
-        # This task runs in the coalescer's own context: give the graph call the request id of
-        # its first request, so every stage's log lines carry it; the line below ties the other
-        # requests of a coalesced call to it.
-        _set_request_context(request_id=ids[0])
-        if len(ids) > 1:
-            logger.info("graph call %s carries %d requests: %s", ids[0], len(ids), ids)
-        metric("intent_batch_size").observe(sum(sizes), tags={"stage": "Gateway"})
+        self._batch_started(ids, sum(sizes), "graph call")
         # The release is read once per graph call: every text in it runs on the same versions.
         output = await self._graph(
             [t for texts, _, _ in requests for t in texts],
@@ -192,40 +180,8 @@ class TrafficCore(ServingCore[GraphRequest]):
         labels = np.asarray([LABELS[i] for i in probs.argmax(axis=1)], dtype=object)
         return StageOutput({"probs": probs, "label": labels}, output.models)
 
-    def _maybe_shadow(
-        self, variant: str, texts: list[str], labels: list[str], took: float, rid: str
-    ) -> None:
-        shadow = self.knobs.shadow
-        if shadow.variant is None or shadow.variant == variant or shadow.fraction <= 0:
-            return
-        if random.random() >= shadow.fraction:
-            return
-        if len(self._shadow_tasks) >= shadow.max_in_flight:
-            self.shadow_stats.skipped += 1
-            return
-        task = asyncio.create_task(self._shadow(shadow.variant, texts, labels, took, rid))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow(
-        self, variant: str, texts: list[str], labels: list[str], took: float, rid: str
-    ) -> None:
-        started = time.perf_counter()
-        try:
-            output = await asyncio.wait_for(
-                self._coalescer(variant).submit((texts, rid, False)), self.graph_timeout_s
-            )
-        except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
-            self.shadow_stats.errors += 1
-            logger.warning("shadow call to %s failed: %r", variant, e)
-            return
-        shadow_labels = [str(label) for label in output.batch["label"]]
-        self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
-        agreed = sum(a == b for a, b in zip(labels, shadow_labels, strict=True))
-        comparisons = metric("intent_shadow_comparisons")
-        for outcome, n in (("agree", agreed), ("disagree", len(labels) - agreed)):
-            if n:
-                comparisons.inc(n, tags={"variant": variant, "outcome": outcome})
+    def _labels_of(self, batch: Batch) -> list[str]:
+        return [str(label) for label in batch["label"]]
 
     async def classify(
         self,
@@ -243,11 +199,7 @@ class TrafficCore(ServingCore[GraphRequest]):
         configured is :class:`ModelNotFound`)."""
         self._ensure_watcher()
         started = time.perf_counter()
-        if variant is None:
-            variant = self.knobs.experiment.assign(user_key)
-        elif variant not in self.releases:
-            raise ModelNotFound(f"no variant {variant!r}; variants: {sorted(self.releases)}")
-        metric("intent_variant_requests").inc(tags={"variant": variant})
+        variant = self._variant_for(user_key, variant)
         sampled = sample and self._sampled()
         try:
             answer, cached_flags, embeddings = await self._answer_variant(
@@ -274,21 +226,8 @@ class TrafficCore(ServingCore[GraphRequest]):
         embedding where the pipeline computed one now (None for cached or degraded texts)."""
         stats = self.variant_stats.setdefault(variant, VariantStats())
         release = self.releases[variant]
-        lookups = metric("intent_cache_lookups")
-        if use_cache:
-            cached: list[CachedAnswer | None] = [
-                self.cache.get(text, release.key) for text in texts
-            ]
-        else:
-            self.cache.bypassed += 1
-            lookups.inc(len(texts), tags={"result": "bypass"})
-            cached = [None] * len(texts)
+        cached = self._cache_lookup(texts, release, use_cache)
         missing = [i for i, hit in enumerate(cached) if hit is None]
-        if use_cache:
-            hits = len(texts) - len(missing)
-            for result, n in (("hit", hits), ("miss", len(missing))):
-                if n:
-                    lookups.inc(n, tags={"result": result})
         labels: list[str] = [hit.label if hit else "" for hit in cached]
         probs: list[tuple[float, ...]] = [hit.probs if hit else () for hit in cached]
         models: dict[str, dict[str, Any]] = next((h.models for h in cached if h), {})
@@ -296,30 +235,12 @@ class TrafficCore(ServingCore[GraphRequest]):
         embeddings: list[np.ndarray | None] = [None] * len(texts)
         if missing:
             asked = [texts[i] for i in missing]
-            try:
-                output = await self._primary(variant, (asked, rid, embed))
-            except (PrimaryUnavailable, *STAGE_ERRORS) as e:
-                if self.knobs.fallback.stage is None:
-                    stats.errors += 1
-                    if isinstance(e, TimeoutError):
-                        raise PipelineTimeout(
-                            f"the model pipeline did not answer within {self.graph_timeout_s:g}s;"
-                            " retry shortly"
-                        ) from e
-                    raise ModelUnavailable(
-                        "the model pipeline is unavailable; retry shortly"
-                    ) from e
-                code = e.code if isinstance(e, PrimaryUnavailable) else "error"
-                degraded_reason = str(e) if isinstance(e, PrimaryUnavailable) else repr(e)
-                try:
-                    output = await self._fallback(asked, release)
-                except STAGE_ERRORS as fallback_error:
-                    stats.errors += 1
-                    raise ModelUnavailable(
-                        "the model pipeline and its fallback are unavailable; retry shortly"
-                    ) from fallback_error
-                self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
-                metric("intent_fallbacks").inc(tags={"reason": code})
+            output, degraded_reason = await self._answer_or_fallback(
+                variant,
+                (asked, rid, embed),
+                lambda: self._fallback(asked, release),
+                "model pipeline",
+            )
             models = output.models
             computed = output.batch.get("embedding") if embed else None
             for j, i in enumerate(missing):
@@ -335,7 +256,7 @@ class TrafficCore(ServingCore[GraphRequest]):
         for label, n in collections.Counter(labels).items():
             predictions_total.inc(n, tags={"variant": variant, "label": label})
         if degraded_reason is None:
-            self._maybe_shadow(variant, texts, labels, took, rid)
+            self._maybe_shadow(variant, (texts, rid, False), labels, took)
         answer = Classification(
             request_id=rid,
             labels=labels,

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from ray.serve.context import _set_request_context
 from ray.serve.handle import DeploymentHandle
 
 from servecore.errors import ModelNotFound, ModelUnavailable, PipelineTimeout
-from servecore.monitoring.telemetry import metric
 from servecore.pipeline.batching import Batch, concat_batches, num_rows, split_batch
 from servecore.pipeline.model_spec import FALLBACK_STAGE, MODEL_STAGE, ModelAppSpec
 from servecore.signature import (
@@ -43,11 +41,10 @@ from servecore.signature import (
 )
 from servecore.traffic.base import (
     STAGE_ERRORS,
-    PrimaryUnavailable,
     ServedModel,
     ServingCore,
 )
-from servecore.traffic.experiments import CachedAnswer, VariantStats
+from servecore.traffic.experiments import VariantStats
 from servecore.traffic.releases import Release
 from servecore.traffic.routing import StageOutput, deployment_result
 
@@ -198,11 +195,10 @@ class ModelCore(ServingCore[ModelRequest]):
         pin = self._pin(release)
         info = await self._version_info(pin)
         batch = info.example if info.example is not None else _zero_row(info.schema)
-        call = self.groups[MODEL_STAGE].remote(
-            batch, pins={MODEL_STAGE: pin}, stages=(MODEL_STAGE,)
-        )
-        await deployment_result(call, 6 * self.graph_timeout_s)
-        for stage in self.fallback_stages:  # loaded before it may be needed
+        for stage in (
+            MODEL_STAGE,
+            *self.fallback_stages,
+        ):  # the fallback loaded before it is needed
             await self._call(stage, batch, release, 6 * self.graph_timeout_s)
 
     def _request_size(self, request: ModelRequest) -> int:
@@ -221,11 +217,7 @@ class ModelCore(ServingCore[ModelRequest]):
 
     async def _predict_batch(self, variant: str, requests: list[ModelRequest]) -> list[StageOutput]:
         sizes = [num_rows(rows) for rows, _, _ in requests]
-        ids = [rid for _, rid, _ in requests]
-        _set_request_context(request_id=ids[0])
-        if len(ids) > 1:
-            logger.info("model call %s carries %d requests: %s", ids[0], len(ids), ids)
-        metric("intent_batch_size").observe(sum(sizes), tags={"stage": "Gateway"})
+        self._batch_started([rid for _, rid, _ in requests], sum(sizes), "model call")
         batch = concat_batches([rows for rows, _, _ in requests])
         output = await self._call(MODEL_STAGE, batch, self.releases[variant], self.graph_timeout_s)
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
@@ -244,11 +236,7 @@ class ModelCore(ServingCore[ModelRequest]):
         the shadow; a sample goes to the monitor."""
         self._ensure_watcher()
         started = time.perf_counter()
-        if variant is None:
-            variant = self.knobs.experiment.assign(user_key)
-        elif variant not in self.releases:
-            raise ModelNotFound(f"no variant {variant!r}; variants: {sorted(self.releases)}")
-        metric("intent_variant_requests").inc(tags={"variant": variant})
+        variant = self._variant_for(user_key, variant)
         try:
             answer = await self._answer(rows, variant, use_cache, rid, started)
         except Exception:
@@ -281,53 +269,28 @@ class ModelCore(ServingCore[ModelRequest]):
         stats = self.variant_stats.setdefault(variant, VariantStats())
         release = self.releases[variant]
         n = num_rows(rows)
-        lookups = metric("intent_cache_lookups")
-        keys: list[str] = []
-        cached: list[CachedAnswer | None] = [None] * n
-        if use_cache and self.cache.config.enabled:
+        keys = [""] * n  # a bypassing caller looks nothing up
+        if use_cache:
             schema = (await self._version_info(self._pin(release))).schema
             keys = row_keys(rows, schema.input_names)
-            cached = [self.cache.get(key, release.key) for key in keys]
-            hits = sum(hit is not None for hit in cached)
-            for result, count in (("hit", hits), ("miss", n - hits)):
-                if count:
-                    lookups.inc(count, tags={"result": result})
-        elif not use_cache:
-            self.cache.bypassed += 1
-            lookups.inc(n, tags={"result": "bypass"})
+        cached = self._cache_lookup(keys, release, use_cache)
         missing = [i for i, hit in enumerate(cached) if hit is None]
         row_outputs: list[dict[str, Any] | None] = [hit.value if hit else None for hit in cached]
         models: dict[str, dict[str, Any]] = next((h.models for h in cached if h), {})
         degraded_reason = None
         if missing:
             asked = {k: v[missing] for k, v in rows.items()} if len(missing) < n else rows
-            try:
-                output = await self._primary(variant, (asked, rid, False))
-            except (PrimaryUnavailable, *STAGE_ERRORS) as e:
-                if self.knobs.fallback.stage is None:
-                    stats.errors += 1
-                    if isinstance(e, TimeoutError):
-                        raise PipelineTimeout(
-                            f"the model did not answer within {self.graph_timeout_s:g}s; "
-                            "retry shortly"
-                        ) from e
-                    raise ModelUnavailable("the model is unavailable; retry shortly") from e
-                code = e.code if isinstance(e, PrimaryUnavailable) else "error"
-                degraded_reason = str(e) if isinstance(e, PrimaryUnavailable) else repr(e)
-                try:
-                    output = await self._call(FALLBACK_STAGE, asked, release, self.graph_timeout_s)
-                except STAGE_ERRORS as fallback_error:
-                    stats.errors += 1
-                    raise ModelUnavailable(
-                        "the model and its fallback are unavailable; retry shortly"
-                    ) from fallback_error
-                self.fallbacks[code] = self.fallbacks.get(code, 0) + 1
-                metric("intent_fallbacks").inc(tags={"reason": code})
+            output, degraded_reason = await self._answer_or_fallback(
+                variant,
+                (asked, rid, False),
+                lambda: self._call(FALLBACK_STAGE, asked, release, self.graph_timeout_s),
+                "model",
+            )
             models = output.models
             for j, i in enumerate(missing):
                 row = {name: column[j] for name, column in output.batch.items()}
                 row_outputs[i] = row
-                if degraded_reason is None and keys:
+                if degraded_reason is None and use_cache:
                     size = 64 + sum(getattr(v, "nbytes", 8) for v in row.values())
                     self.cache.put(keys[i], release.key, "", (), models, value=row, size=size)
         outputs = _columns(row_outputs)
@@ -335,44 +298,15 @@ class ModelCore(ServingCore[ModelRequest]):
         took = time.perf_counter() - started
         stats.record(took, labels, degraded=degraded_reason is not None)
         if degraded_reason is None:
-            self._maybe_shadow(variant, rows, labels, took, rid)
+            self._maybe_shadow(variant, (rows, rid, False), labels, took)
         stage = FALLBACK_STAGE if degraded_reason is not None else MODEL_STAGE
         version = str((models.get(stage) or {}).get("version", ""))
         return Prediction(rid, outputs, models, variant, version, degraded_reason, n - len(missing))
 
     # --- shadow and monitoring ---------------------------------------------------------------
 
-    def _maybe_shadow(
-        self, variant: str, rows: Batch, labels: list[str], took: float, rid: str
-    ) -> None:
-        shadow = self.knobs.shadow
-        if shadow.variant is None or shadow.variant == variant or shadow.fraction <= 0:
-            return
-        if random.random() >= shadow.fraction:
-            return
-        if len(self._shadow_tasks) >= shadow.max_in_flight:
-            self.shadow_stats.skipped += 1
-            return
-        task = asyncio.create_task(self._shadow(shadow.variant, rows, labels, took, rid))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow(
-        self, variant: str, rows: Batch, labels: list[str], took: float, rid: str
-    ) -> None:
-        started = time.perf_counter()
-        try:
-            output = await asyncio.wait_for(
-                self._coalescer(variant).submit((rows, rid, False)), self.graph_timeout_s
-            )
-        except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
-            self.shadow_stats.errors += 1
-            logger.warning("shadow call to %s failed: %r", variant, e)
-            return
-        shadow_labels = _labels(output.batch)
-        if len(shadow_labels) != len(labels):
-            return
-        self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
+    def _labels_of(self, batch: Batch) -> list[str]:
+        return _labels(batch)
 
     def _sample(self, rows: Batch, answer: Prediction, started: float) -> None:
         knobs = self.knobs.monitoring

@@ -23,6 +23,7 @@ from servecore.api import v1 as rest_v1
 from servecore.api.app import app
 from servecore.api.auth import KeyRing, LimitsConfig
 from servecore.api.jobs import JobDesk, JobsConfig
+from servecore.api.v1 import StreamingConfig
 from servecore.api.v2_grpc import InferenceServicer
 from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
@@ -38,6 +39,7 @@ class GatewayUserConfig(TrafficConfig):
 
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 
 
 class GatewayReplica(InferenceServicer):
@@ -68,6 +70,7 @@ class GatewayReplica(InferenceServicer):
         self.knobs = knobs
         if isinstance(knobs, GatewayUserConfig):
             self.services.jobs.knobs = knobs.jobs
+            self.services.streaming = knobs.streaming
         self.services.limits = getattr(knobs, "limits", LimitsConfig())
 
     async def current_knobs(self) -> dict[str, Any]:
@@ -87,10 +90,13 @@ class Gateway(GatewayReplica):
         groups: dict[str, DeploymentHandle],
         job_runner: DeploymentHandle | None = None,
         monitor: DeploymentHandle | None = None,
+        streams: DeploymentHandle | None = None,
     ) -> None:
         # job_runner is bound so that the runners deploy with the application; the gateway only
-        # puts job ids on their queue.
+        # puts job ids on their queue. The stream consumer likewise (it calls classify_texts);
+        # the gateway asks it for GET /v1/streams.
         self._install(TrafficCore(PipelineSpec.model_validate(spec), groups, monitor))
+        self.services.streams = streams
 
     async def classify_texts(
         self, texts: list[str], user_key: str | None = None, trace: str = "job"

@@ -1,6 +1,7 @@
 """The intent-routing application: gateway → tokenizer → encoder → heads ⇉ ensemble, plus a
-bag-of-words model on the raw text, the job runner that serves ``/v1/jobs`` and the monitor that
-keeps the prediction log and the drift window.
+bag-of-words model on the raw text, the job runner that serves ``/v1/jobs``, the monitor that
+keeps the prediction log and the drift window, and (with ``INTENT_SERVING_STREAMS_URL`` set) the
+stream consumer that scores Redis Streams messages.
 
 The stages run in the spec's groups (``groups:``): one Serve deployment per group, named after it,
 whose replicas run the group's plain classes in process; without groups every stage is a
@@ -21,9 +22,11 @@ from deployments.gateway import Gateway, GatewayUserConfig
 from deployments.job_runner import JobRunnerUserConfig, job_runner_deployment
 from deployments.monitor import Monitor, MonitorUserConfig
 from deployments.stage import Stage, StageUserConfig
+from deployments.stream_consumer import StreamConsumer
 from servecore.pipeline.graph import EMBEDDING, Layout
 from servecore.pipeline.spec import PipelineSpec
 from servecore.settings import get_settings
+from servecore.streams.config import StreamsConfig
 
 
 def build_app(args: PipelineSpec) -> Application:
@@ -42,7 +45,12 @@ def build_app(args: PipelineSpec) -> Application:
     spec = args.model_dump()
     embedder = {hop.group: groups[hop.group] for hop in Layout(args).route(EMBEDDING)}
     gateway = Gateway.options(name="Gateway", ray_actor_options={"num_cpus": 0, "num_gpus": 0})
-    return gateway.bind(spec, groups, runner.bind(), monitor.bind(spec, embedder))
+    streams = None
+    if get_settings().streams_url is not None:
+        # Only with a Redis to read from: otherwise not even a replica starts.
+        options = {"num_cpus": 0, "num_gpus": 0}
+        streams = StreamConsumer.options(ray_actor_options=options).bind()
+    return gateway.bind(spec, groups, runner.bind(), monitor.bind(spec, embedder), streams)
 
 
 def user_config_schema(deployment: str) -> type[BaseModel]:
@@ -53,4 +61,6 @@ def user_config_schema(deployment: str) -> type[BaseModel]:
         return JobRunnerUserConfig
     if deployment == "Monitor":
         return MonitorUserConfig
+    if deployment == "StreamConsumer":
+        return StreamsConfig
     return StageUserConfig

@@ -213,7 +213,12 @@ def check_config(path: str | Path) -> list[str]:
             known = getattr(spec, "deployment_names", lambda: None)()
             if known is not None:
                 for name in declared:
-                    if name not in known:
+                    if name == "StreamConsumer" and name not in known:
+                        problems.append(
+                            f"applications[{app}].deployments[{name}]: the app has a stream "
+                            "consumer only when INTENT_SERVING_STREAMS_URL is set"
+                        )
+                    elif name not in known:
                         problems.append(
                             f"applications[{app}].deployments[{name}]: no such deployment "
                             f"(the app has {known})"

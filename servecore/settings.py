@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     jobs_queue: str = "intent-jobs"
     """Queue name on the broker."""
 
+    streams_url: str | None = None
+    """Redis holding the streams the ``StreamConsumer`` reads and writes
+    (``redis://host:6379/0``). Unset: the application has no stream consumer at all. Turn
+    persistence on there (``appendonly yes``): an acknowledged message lives only in Redis."""
+
     jobs_data_dir: Path | None = None
     """Dataset jobs may only read under this folder; default ``home/data``."""
 

@@ -114,6 +114,7 @@ def fake_graph(
     gateway_options: dict | None = None,
     stage_options: dict[str, dict] | None = None,
     version: str | None = None,
+    streams: Any = None,
 ) -> Any:
     """The real gateway and stage wrapper around :data:`FAKE_STAGES`, bound as an application,
     one deployment per stage group of ``spec`` (per stage when it has no groups).
@@ -123,6 +124,7 @@ def fake_graph(
     ``gateway_options`` are more ``Gateway.options`` (queue limits, back-pressure answer);
     ``stage_options`` more ``Stage.options`` per group name (replicas, health checks);
     a ``ray_actor_options`` in either is merged over ``actor_options``.
+    ``streams`` is a bound ``StreamConsumer`` (the gateway's ``GET /v1/streams`` asks it).
     With a ``version``, running the graph again with only a new ``gateway_config`` is a live
     update of the gateway rather than a restart of every replica: ``serve.run`` gives every
     deployment a random version unless one is set, and the public option is gone, so this
@@ -153,7 +155,7 @@ def fake_graph(
         user_config=gateway_config or {},
         **gateway_more,
     )
-    return _pinned(gateway, version).bind(spec.model_dump(), stages, job_runner)
+    return _pinned(gateway, version).bind(spec.model_dump(), stages, job_runner, None, streams)
 
 
 def _pinned(deployment: Any, version: str | None) -> Any:

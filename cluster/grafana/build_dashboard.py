@@ -393,6 +393,44 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             ),
         ),
     ),
+    (
+        "Streams",
+        (
+            Panel(
+                "Stream messages by outcome",
+                "Messages/s per input stream: `scored` (results written: the throughput), "
+                "`dead_letter`, `duplicate` (a redelivery not written twice), `retried`, "
+                "`claimed` (taken over from a dead consumer).",
+                (
+                    Query(
+                        f"sum by (stream, outcome) ({rate('ray_intent_stream_messages_total')})",
+                        "{{stream}} {{outcome}}/s",
+                    ),
+                ),
+                width=8,
+            ),
+            Panel(
+                "Stream lag and pending",
+                "Entries not yet delivered to the group (lag) and delivered but not acknowledged "
+                "(pending); every consumer replica reads the same group, hence `max`.",
+                (
+                    Query(f"max by (stream) (ray_intent_stream_lag{{{APP}}})", "lag {{stream}}"),
+                    Query(
+                        f"max by (stream) (ray_intent_stream_pending{{{APP}}})",
+                        "pending {{stream}}",
+                    ),
+                ),
+                width=8,
+            ),
+            Panel(
+                "Stream end-to-end latency",
+                "From the message's stream id time (when Redis took it in) to its result's write.",
+                quantiles("ray_intent_stream_latency_ms_bucket", "stream", "{{stream}}"),
+                unit="ms",
+                width=8,
+            ),
+        ),
+    ),
 )
 
 

@@ -1,8 +1,8 @@
 """The FastAPI applications gateway replicas serve: the protocol fronts' routers behind the one
 access guard, with errors in each protocol's own shape.
 
-* :data:`app` — the intent pipeline's gateway: REST v1, OpenAI embeddings, OIP v2, jobs, admin,
-  views, health.
+* :data:`app` — the intent pipeline's gateway: REST v1 (streamed answers too), OpenAI
+  embeddings, OIP v2, jobs (with their event streams), stream status, admin, views, health.
 * :data:`model_app` — a generic model application's gateway (``graphs/model.py``): MLflow's
   ``/invocations``, OIP v2, admin, views, health.
 
@@ -17,7 +17,18 @@ from types import ModuleType
 
 from fastapi import FastAPI
 
-from servecore.api import admin, context, health, jobs, mlflow_scoring, openai, v1, v2, views
+from servecore.api import (
+    admin,
+    context,
+    health,
+    jobs,
+    mlflow_scoring,
+    openai,
+    streams,
+    v1,
+    v2,
+    views,
+)
 from servecore.api.auth import Guard
 from servecore.api.http_errors import error_response, install_error_handlers
 
@@ -40,7 +51,7 @@ def build(title: str, description: str, fronts: tuple[ModuleType, ...]) -> FastA
 app = build(
     "Intent serving",
     "Customer-support intent routing on Ray Serve, models from the MLflow registry.",
-    (v1, openai, v2, jobs, admin, views, health),
+    (v1, openai, v2, jobs, streams, admin, views, health),
 )
 model_app = build(
     "Model serving",

@@ -89,7 +89,7 @@ def required_scope(path: str) -> Scope | None | Literal["open"]:
         return "open"
     if path.startswith("/v1/jobs"):
         return "jobs"
-    if path.startswith(("/v1/experiments", "/v1/monitoring", "/v1/admin")):
+    if path.startswith(("/v1/experiments", "/v1/monitoring", "/v1/admin", "/v1/streams")):
         return "admin"
     if path.startswith(("/v1/predict", "/v1/embeddings", "/v1/models")):
         return "predict"

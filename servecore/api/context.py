@@ -14,7 +14,10 @@ from servecore.api.auth import KeyRing, LimitsConfig, RateLimiter
 from servecore.errors import NotReady
 
 if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
     from servecore.api.jobs import JobDesk
+    from servecore.api.v1 import StreamingConfig
     from servecore.traffic.core import TrafficCore
 
 
@@ -26,6 +29,10 @@ class Services:
     """The API keys every front checks (HTTP through the guard middleware, gRPC in the front)."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Rate and size limits, live from ``user_config.limits``."""
+    streaming: StreamingConfig | None = None
+    """How ``/v1/predict`` streams its answers (``user_config.streaming``); None: defaults."""
+    streams: DeploymentHandle | None = None
+    """The application's ``StreamConsumer`` (``GET /v1/streams``); None: no streams."""
 
 
 _current: Services | None = None

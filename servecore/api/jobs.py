@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from servecore.api.common import GUARD_CODES, caller, json_response
 from servecore.api.context import services
 from servecore.api.schemas import MAX_JOB_TEXTS, ErrorResponse, JobList, JobRequest
+from servecore.api.streaming import KEEPALIVE, SSE, STREAM_HEADERS, encode, streamed_format
 from servecore.errors import InvalidRequest, JobsUnavailable, TooManyTexts
 from servecore.jobs.queue import JobProducer
 from servecore.jobs.store import JobState, JobStore, dataset_path, public_job
@@ -159,6 +161,47 @@ async def get_job(job_id: JobId, request: Request) -> Response:
     predictions and model versions; datasets: where the output is)."""
     job = await services().jobs.in_store(lambda store: store.get(job_id, caller(request)))
     return json_response(public_job(job))
+
+
+@router.get("/v1/jobs/{job_id}/events", responses=JOB_ERRORS)
+async def job_events(
+    job_id: JobId,
+    request: Request,
+    interval_s: float = Query(default=0.5, ge=0.1, le=10.0),
+) -> Response:
+    """Follow a job until it ends: a ``progress`` event (``state``, ``done``, ``total``) each
+    time they change, checked every ``interval_s``, then one ``end`` event holding the job as
+    ``GET /v1/jobs/{id}`` shows it, result included. Server-sent events by default (a comment
+    every 15 s keeps proxies from closing a quiet stream), NDJSON with
+    ``Accept: application/x-ndjson`` (each line's ``event`` names it). A client that
+    disconnects stops the polling; the job itself runs on."""
+    desk = services().jobs
+    owner = caller(request)
+    job = await desk.in_store(lambda store: store.get(job_id, owner))  # 404 before the stream
+    fmt = streamed_format(request) or SSE
+
+    async def events() -> Any:
+        current, last, quiet = job, None, 0.0
+        while True:
+            progress = {"state": current.state, "done": current.done, "total": current.total}
+            if progress != last:
+                yield encode(fmt, "progress", {"event": "progress", "id": job_id, **progress})
+                last, quiet = progress, 0.0
+            if current.terminal:
+                yield encode(fmt, "end", {"event": "end", **public_job(current)})
+                return
+            await asyncio.sleep(interval_s)
+            quiet += interval_s
+            if fmt == SSE and quiet >= 15.0:
+                yield KEEPALIVE
+                quiet = 0.0
+            try:
+                current = await desk.in_store(lambda store: store.get(job_id, owner))
+            except JobsUnavailable as e:
+                yield encode(fmt, "error", {"event": "error", **e.body(None)})
+                return
+
+    return StreamingResponse(events(), media_type=fmt, headers=STREAM_HEADERS)
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202, responses=JOB_ERRORS)

@@ -130,6 +130,37 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         (),
         "Texts in the monitor's sliding window.",
     ),
+    MetricSpec(
+        "intent_stream_messages",
+        "counter",
+        ("stream", "outcome"),
+        "Stream messages per input stream and outcome: `scored` (a result written), "
+        "`dead_letter`, `duplicate` (scored again after a redelivery, not written twice), "
+        "`retried` (a transient failure, tried again) and `claimed` (taken over from a dead "
+        "consumer). Throughput is the rate of `scored`.",
+    ),
+    MetricSpec(
+        "intent_stream_latency_ms",
+        "histogram",
+        ("stream",),
+        "End to end per message: from the time in its stream id (when Redis took it in) to its "
+        "result's write.",
+        LATENCY_MS_BUCKETS,
+    ),
+    MetricSpec(
+        "intent_stream_lag",
+        "gauge",
+        ("stream", "group"),
+        "Entries of the input stream not yet delivered to the consumer group (Redis's own "
+        "`lag`), read every `status_interval_s` by each consumer replica.",
+    ),
+    MetricSpec(
+        "intent_stream_pending",
+        "gauge",
+        ("stream", "group"),
+        "Entries delivered to a consumer but not yet acknowledged (being scored, or left by a "
+        "dead consumer until claimed).",
+    ),
 )
 
 SPECS = {spec.name: spec for spec in CATALOGUE}

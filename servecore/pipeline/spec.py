@@ -306,4 +306,8 @@ class PipelineSpec(_Strict):
         return plans
 
     def deployment_names(self) -> list[str]:
-        return ["Gateway", *(g.name for g in self.group_plans()), "JobRunner", "Monitor"]
+        from servecore.settings import get_settings
+
+        # The stream consumer exists only with a Redis to read (graphs.intent.build_app).
+        streams = ["StreamConsumer"] if get_settings().streams_url is not None else []
+        return ["Gateway", *(g.name for g in self.group_plans()), "JobRunner", "Monitor", *streams]

@@ -15,6 +15,7 @@ import pytest
 from servecore.errors import InvalidRequest, ModelUnavailable
 from servecore.streams.config import StreamsConfig, StreamSpec
 from servecore.streams.messages import BadMessage, parse
+from servecore.streams.status import stream_status
 from servecore.streams.worker import WRITE_SCRIPT, StreamWorker
 from tests.conftest import free_port
 from tests.streams_support import RedisServer
@@ -282,3 +283,28 @@ def test_reading_waits_for_scoring(redis_server, spec) -> None:
 
     assert asyncio.run(main()) == (4, 16)
     assert client.xpending(spec.input, spec.group)["pending"] == 0
+
+
+def test_status_shows_lag_pending_totals_and_consumers(redis_server, spec) -> None:
+    client = redis_server.client()
+    for i in range(3):
+        client.xadd(spec.input, {"text": f"t{i}"})
+    run_worker(redis_server, spec, scored, settled(spec, 3))
+    client.xadd(spec.input, {"text": "not yet read"})
+
+    async def status() -> dict[str, Any]:
+        import redis.asyncio
+
+        async with redis.asyncio.Redis.from_url(redis_server.url) as r:
+            return await stream_status(r, spec, interval_s=60.0)
+
+    found = asyncio.run(status())
+    assert {k: found[k] for k in ("length", "lag", "pending", "output_length")} == {
+        "length": 4,
+        "lag": 1,
+        "pending": 0,
+        "output_length": 3,
+    }
+    assert found["totals"] == {"scored": 3, "dead_letters": 0, "duplicates": 0}
+    (consumer,) = found["consumers"]
+    assert consumer["name"] == "c1" and consumer["pending"] == 0

@@ -25,13 +25,13 @@ def text_of(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def group_info(redis: Any, spec: StreamSpec) -> dict[str, Any] | None:
+async def group_info(client: Any, spec: StreamSpec) -> dict[str, Any] | None:
     """The group's lag (entries not yet delivered to it; None when Redis cannot tell), pending
     count and consumers, or None when the stream or the group does not exist yet."""
     import redis.exceptions
 
     try:
-        groups = await redis.xinfo_groups(spec.input)
+        groups = await client.xinfo_groups(spec.input)
     except redis.exceptions.ResponseError:
         return None  # no such stream yet
     for group in groups:

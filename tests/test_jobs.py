@@ -99,6 +99,35 @@ def test_texts_job_answers_like_predict_and_calls_back_signed(url, texts):
         assert [d["status_code"] for d in final["deliveries"]] == [500, 200]
 
 
+def test_job_events_stream_progress_until_the_job_ends(url, texts):
+    job_id = submit(url, {"texts": texts[:200]}).json()["id"]
+    events = []
+    with httpx.stream(
+        "GET",
+        f"{url}/v1/jobs/{job_id}/events?interval_s=0.1",
+        headers={"Accept": "application/x-ndjson"},
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in response.iter_lines()]
+    *progress, end = events
+    assert {e["event"] for e in progress} == {"progress"} and end["event"] == "end"
+    assert (end["id"], end["state"], end["done"]) == (job_id, "succeeded", 200)
+    assert len(end["result"]["predictions"]) == 200
+    assert len(progress) >= 2 and progress[0]["total"] == 200
+    assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+
+    # Server-sent events by default; a finished job: where it stands, then the end.
+    replay = httpx.get(f"{url}/v1/jobs/{job_id}/events", timeout=30)
+    assert replay.headers["content-type"].startswith("text/event-stream")
+    names = [line.removeprefix("event: ") for line in replay.text.splitlines() if "event: " in line]
+    assert names == ["progress", "end"]
+    missing = httpx.get(f"{url}/v1/jobs/no-such-job/events", timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "job_not_found"
+
+
 def test_jobs_are_listed_newest_first_in_pages(url):
     ids = [submit(url, {"texts": [f"where is my parcel {i}?"]}).json()["id"] for i in range(3)]
     page = httpx.get(f"{url}/v1/jobs", params={"limit": 2}).json()

@@ -148,6 +148,10 @@ def test_models_health_and_docs(client):
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/docs").status_code == 200
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    # No INTENT_SERVING_STREAMS_URL in this session: no consumer, and the status says so.
+    streams = client.get("/v1/streams").json()
+    assert (streams["enabled"], streams["streams"]) == (False, [])
+    assert "INTENT_SERVING_STREAMS_URL" in streams["reason"]
 
 
 BAD_PREDICT = [

@@ -308,3 +308,40 @@ def test_status_shows_lag_pending_totals_and_consumers(redis_server, spec) -> No
     assert found["totals"] == {"scored": 3, "dead_letters": 0, "duplicates": 0}
     (consumer,) = found["consumers"]
     assert consumer["name"] == "c1" and consumer["pending"] == 0
+
+
+def test_the_cli_sends_a_file_tails_the_results_and_shows_the_status(
+    redis_server, spec, tmp_path, capsys
+) -> None:
+    from servecore.streams.__main__ import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text('I was charged twice\n\n{"text": "where is my parcel", "user_key": "u7"}\n')
+    url = ["--url", redis_server.url]
+    assert main([*url, "send", str(texts), "--stream", spec.input]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    assert (sent["stream"], sent["sent"]) == (spec.input, 2)
+    client = redis_server.client()
+    assert [e for e in entries(client, spec.input)] == [
+        {"text": "I was charged twice"},
+        {"data": '{"text": "where is my parcel", "user_key": "u7"}'},
+    ]
+    run_worker(redis_server, spec, scored, settled(spec, 2))
+
+    assert main([*url, "tail", spec.output_stream]) == 0
+    tailed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [t["id"] for t in tailed] == [sent["first"], sent["last"]]
+    assert tailed[0]["probabilities"] == {"billing": 1.0, "other": 0.0}  # JSON, not a string
+    assert main([*url, "tail", spec.output_stream, "--count", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+    assert main([*url, "status", "--stream", spec.input]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["length"], status["pending"], status["output_length"]) == (2, 0, 2)
+
+
+def test_the_cli_says_when_redis_is_unreachable(capsys) -> None:
+    from servecore.streams.__main__ import main
+
+    assert main(["--url", f"redis://127.0.0.1:{free_port()}/0", "status"]) == 2
+    assert "cannot reach Redis at redis://127.0.0.1:" in capsys.readouterr().err

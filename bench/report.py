@@ -37,6 +37,8 @@ ROW_TITLES: dict[str, str] = {
     "served_batch32": "served (a): 32 texts/request, c=4",
     **{row_id("served", c): f"served (b): 1 text/request, c={c}" for c in CONCURRENCIES},
     "served_cached_c8": "served, response-cache hits: 1 repeated text/request, c=8",
+    "stream_saturation": "stream path: a backlog on a Redis stream, results out (end to end)",
+    "stream_steady": "stream path at a steady rate, half of saturation (end to end)",
     **{
         row_id("served_v2", c): f"served, OIP v2 REST: 1 text/request, c={c}"
         for c in PROTOCOL_CONCURRENCIES
@@ -147,6 +149,14 @@ RATIOS = (
         "p50_ms",
         None,
         at_most=True,
+    ),
+    Ratio(
+        "stream_vs_raw",
+        "stream path messages/s at saturation ÷ raw in-process texts/s",
+        "stream_saturation",
+        "raw",
+        "texts_per_s",
+        0.85,
     ),
     Ratio(
         "cache_hits_vs_model_c8",

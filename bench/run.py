@@ -2,7 +2,8 @@
 
 Order: the model classes in-process (the compute ceiling), the served graph over HTTP (a private
 Ray cluster in this process, shut down afterwards; with its latency budget at c=1 and its memory
-idle and under load), then the two FastAPI peers and MLServer with adaptive batching, one at a
+idle and under load), the stream path (the same graph with a stream consumer, on a private
+``redis-server``), then the two FastAPI peers and MLServer with adaptive batching, one at a
 time, each in its own process stopped by PID afterwards. Nothing else runs alongside a
 measurement. MLServer runs from a virtual environment of its own, built on first use
 (``.cache/bench/mlserver-venv``); where that cannot be built the section is skipped with the
@@ -61,6 +62,10 @@ class Plan:
     """Extra warm-up allowed while the encoder's replica set is still changing."""
     idle_settle_s: float
     """Wait after deploying before the idle memory is read."""
+    stream_messages: int
+    """The stream path's backlog at saturation (messages put on the stream at once)."""
+    stream_steady_s: float
+    """How long messages are offered at the steady rate."""
 
     @classmethod
     def full(cls) -> Plan:
@@ -75,6 +80,8 @@ class Plan:
             warmup_s=5.0,
             max_settle_s=90.0,  # a replica loads in ~25 s on 2 busy cores
             idle_settle_s=10.0,
+            stream_messages=4000,
+            stream_steady_s=20.0,
         )
 
     @classmethod
@@ -90,6 +97,8 @@ class Plan:
             warmup_s=1.0,
             max_settle_s=0.0,
             idle_settle_s=1.0,
+            stream_messages=200,
+            stream_steady_s=3.0,
         )
 
     def single_text(self, concurrency: int) -> LoadSpec:
@@ -217,6 +226,20 @@ def bench_served(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[s
             measure(graph.predict_url, hits, one_text, "served cache hits c=8"), "req/s"
         )
     return rows
+
+
+def bench_stream_path(config: Path, texts: list[str], plan: Plan) -> dict[str, dict[str, Any]]:
+    """Redis stream in, the served graph, results out (``bench/streams.py``)."""
+    from bench.streams import bench_streams
+
+    return bench_streams(
+        config,
+        texts,
+        plan.stream_messages,
+        plan.stream_steady_s,
+        plan.first_warmup_s,
+        plan.max_settle_s,
+    )
 
 
 def bench_protocols(graph: Any, texts: TextCycler, plan: Plan) -> dict[str, dict[str, Any]]:
@@ -380,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[tuple[str, Callable[[], dict[str, dict[str, Any]]]]] = [
         ("raw in-process", lambda: bench_raw(config, texts, plan)),
         ("served graph", lambda: bench_served(config, texts, plan)),
+        ("stream path", lambda: bench_stream_path(config, texts, plan)),
         ("unbatched peer", lambda: bench_peer("unbatched", config, texts, plan, log_dir)),
         ("micro-batching peer", lambda: bench_peer("microbatch", config, texts, plan, log_dir)),
         ("MLServer peer", lambda: bench_mlserver(config, texts, plan, log_dir)),

@@ -9,6 +9,7 @@ import yaml
 
 from servecore.config_check import check_config, load_app_spec, load_config, main
 from servecore.errors import ConfigError
+from servecore.settings import get_settings
 from tests.conftest import ROOT, STAGES
 
 SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml"]
@@ -231,3 +232,34 @@ def test_fit_check_refuses_replicas_the_machine_cannot_hold(tmp_path):
         "replicas would stay pending",
     ]
     assert check_fit(ROOT / "serve_config.gpu.yaml", cpus=16, gpus=1) == []
+
+
+def test_a_stream_consumer_needs_a_redis_and_valid_knobs(tmp_path, monkeypatch):
+    def edit(config):
+        config["applications"][0]["deployments"].append(
+            {
+                "name": "StreamConsumer",
+                "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+                "user_config": {"streams": [{"input": "tickets", "output": "tickets"}]},
+            }
+        )
+
+    app = "applications[intent].deployments[StreamConsumer]"
+    monkeypatch.delenv("INTENT_SERVING_STREAMS_URL", raising=False)
+    get_settings.cache_clear()
+    assert (
+        f"{app}: the app has a stream consumer only when INTENT_SERVING_STREAMS_URL is set"
+        in _variant(tmp_path, edit)
+    )
+    monkeypatch.setenv("INTENT_SERVING_STREAMS_URL", "redis://127.0.0.1:6379/0")
+    get_settings.cache_clear()
+    try:
+        problems = _variant(tmp_path, edit)
+    finally:
+        monkeypatch.delenv("INTENT_SERVING_STREAMS_URL")
+        get_settings.cache_clear()
+    assert not any("only when INTENT_SERVING_STREAMS_URL" in p for p in problems)
+    assert any(
+        p.startswith(f"{app}.user_config.streams.0: Value error, input, output and dead_letter")
+        for p in problems
+    ), problems

@@ -233,3 +233,19 @@ def _contains(found: Any, wanted: Any) -> bool:
             and all(_contains(f, w) for f, w in zip(found, wanted, strict=True))
         )
     return bool(found == wanted)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Family → the largest sample value of any of its series (histograms: ``_count``) on a
+    node's Prometheus endpoint."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    largest: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith("ray_intent_"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        value = float(line.rsplit(" ", 1)[1])
+        largest[name] = max(largest.get(name, 0.0), value)
+    return largest

@@ -62,3 +62,16 @@ class BagOfWordsModel(PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints
         return self.model(text_batch(_texts(model_input)))["probs"]
+
+
+class EdgeBundleModel(PythonModel):
+    """texts (a ``text`` column) → label probabilities ``float32[n, 6]``, through an edge bundle
+    (ONNX files on onnxruntime: :class:`edge.predictor.EdgePredictor`)."""
+
+    def load_context(self, context: Any) -> None:
+        from edge.predictor import EdgePredictor
+
+        self.predictor = EdgePredictor(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads hints
+        return self.predictor.probabilities(_texts(model_input))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
-import zlib
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+from servecore.pipeline.features import hashed_features, text_features
+
+__all__ = ["ClassifierHead", "HashedBagOfWords", "hash_texts", "text_features"]
 
 
 class ClassifierHead(nn.Module):
@@ -45,41 +43,12 @@ class ClassifierHead(nn.Module):
         )
 
 
-def text_features(text: str) -> Counter[str]:
-    """Word unigrams, word bigrams and character trigrams of a lowercased text."""
-    words = _TOKEN.findall(text.lower())
-    features: Counter[str] = Counter(f"w:{w}" for w in words)
-    features.update(f"b:{a} {b}" for a, b in zip(words, words[1:], strict=False))
-    for w in words:
-        padded = f"<{w}>"
-        features.update(f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2))
-    return features
-
-
 def hash_texts(
     texts: Sequence[str], num_buckets: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hashed, log-scaled, L2-normalised features in ``nn.EmbeddingBag`` input form.
-
-    ``zlib.crc32`` is stable across processes (Python's ``hash`` is salted per process).
-    """
-    indices: list[int] = []
-    offsets: list[int] = []
-    weights: list[float] = []
-    for text in texts:
-        offsets.append(len(indices))
-        buckets: Counter[int] = Counter()
-        for feature, count in text_features(text).items():
-            buckets[zlib.crc32(feature.encode()) % num_buckets] += count
-        values = np.log1p(np.fromiter(buckets.values(), dtype=np.float32, count=len(buckets)))
-        norm = float(np.linalg.norm(values)) or 1.0
-        indices.extend(buckets.keys())
-        weights.extend((values / norm).tolist())
-    return (
-        torch.tensor(indices, dtype=torch.long),
-        torch.tensor(offsets, dtype=torch.long),
-        torch.tensor(weights, dtype=torch.float32),
-    )
+    """:func:`servecore.pipeline.features.hashed_features` in ``nn.EmbeddingBag`` input form."""
+    indices, offsets, weights = hashed_features(texts, num_buckets)
+    return torch.from_numpy(indices), torch.from_numpy(offsets), torch.from_numpy(weights)
 
 
 class HashedBagOfWords(nn.Module):

@@ -50,7 +50,7 @@ serve: bootstrap validate
 	$(VENV)/bin/serve run serve_config.yaml
 
 validate: install
-	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml
+	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml serve_config.onnx.yaml
 	$(PY) -m servecore.config_check --registry --fit serve_config.yaml
 
 test: install $(CLIENTS)/.installed

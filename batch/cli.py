@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         help="largest allowed probability difference (default: %(default)g)",
     )
+    parity.add_argument(
+        "--label-agreement",
+        type=float,
+        default=1.0,
+        help="share of labels that must agree (default: %(default)g, every one; the int8 "
+        "profile: 0.99, what its accuracy gate allows)",
+    )
     parity.add_argument("--worst", type=int, default=10, help="worst rows to print")
     parity.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
 
@@ -299,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = run_model_parity(options, args.url, args.tolerance, args.timeout)
             print(found.format())
             return 0 if found.ok else 1
-        report = run_parity(options, args.url, args.tolerance, args.worst, args.timeout)
+        report = run_parity(
+            options, args.url, args.tolerance, args.worst, args.timeout, args.label_agreement
+        )
         print(report.format())
         return 0 if report.ok else 1
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:

@@ -12,7 +12,7 @@ from servecore.errors import ConfigError
 from servecore.settings import get_settings
 from tests.conftest import ROOT, STAGES
 
-SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml"]
+SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.onnx.yaml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -38,6 +38,10 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+INT8_TOLERANCE = "0.15"
+"""Largest probability difference the int8 profile's parity gate allows between its batch and
+served answers: the accuracy gate measured 0.127 between int8 and torch on the test split."""
+
 
 @pytest.fixture(scope="module")
 def spec() -> Any:
@@ -220,3 +224,51 @@ def test_field_updates_pick_up_newer_refuse_corrupt_and_roll_back(bundle, channe
     assert rollback(root) == first
     assert current_version(root) == first
     assert rollback(root) == newer  # and forward again
+
+
+@pytest.mark.serve
+def test_the_int8_profile_serves_the_same_api_and_passes_its_parity_gate(
+    exported, serve_instance, tmp_path, capsys
+):
+    """``serve_config.onnx.yaml``'s application (the int8 encoder on onnxruntime, registered
+    above) over the same /v1/predict, and ``python -m batch parity`` against it with the label
+    agreement the accuracy gate allows."""
+    import csv
+
+    import httpx
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from batch import cli
+    from servecore.dataset import dataset_path
+    from tests.fixtures import delete_app, fake_graph
+
+    config = ROOT / "serve_config.onnx.yaml"
+    spec = load_app_spec(config, "intent")
+    plans = {plan.deployment: (plan.stage_class, plan.init_kwargs) for plan in spec.stage_plans()}
+    assert plans["Encoder"][0] == "deployments.onnx_encoder:OnnxEncoder"
+    serve.run(fake_graph(spec, plans), name="edge-int8", route_prefix="/edge-int8")
+    url = f"{serve_instance.base_url}/edge-int8"
+    try:
+        answer = httpx.post(
+            f"{url}/v1/predict", json={"texts": ["I was charged twice for my order"]}, timeout=60
+        ).json()
+        assert answer["predictions"][0]["label"] == "billing"
+        encoder = next(m for m in answer["models"] if m["stage"] == "Encoder")
+        edge = client().get_model_version_by_alias(EDGE_MODEL, EDGE_ALIAS)
+        assert (encoder["name"], encoder["version"]) == (EDGE_MODEL, str(edge.version))
+
+        with open(dataset_path(), newline="") as f:
+            rows = [(r["id"], r["text"]) for r in csv.DictReader(f) if r["split"] == "test"]
+        source = tmp_path / "test-split.parquet"
+        pq.write_table(pa.table({"id": [i for i, _ in rows], "body": [t for _, t in rows]}), source)
+        argv = ["parity", "--config", str(config), "--input", str(source), "--url", url]
+        gate = ["--label-agreement", "0.99", "--tolerance", INT8_TOLERANCE]
+        code = cli.main([*argv, *gate, "--text-column", "body", "--no-progress"])
+        out = capsys.readouterr().out
+        print(out)
+        assert code == 0, out
+        assert f"parity PASS: {len(rows)} rows" in out
+    finally:
+        delete_app("edge-int8")

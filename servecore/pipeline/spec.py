@@ -44,6 +44,19 @@ class EncoderSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weight precision. float16 is for GPUs: on an H200 it doubled float32's rate from batch 128
     on, within cosine 0.999999 of the float32 embeddings (README, GPU); on CPUs it is slower."""
+    runtime: Literal["torch", "onnx"] = "torch"
+    """``onnx``: the edge bundle's encoder on onnxruntime (:class:`deployments.onnx_encoder.
+    OnnxEncoder`, CPU); ``model_uri`` then names a registered edge bundle
+    (``models:/intent-edge@edge``, made by ``python -m edge export``)."""
+
+    @model_validator(mode="after")
+    def _onnx_runs_on_cpu(self) -> EncoderSpec:
+        if self.runtime == "onnx" and (self.device == "cuda" or self.dtype != "float32"):
+            raise ValueError(
+                "encoder runtime onnx runs on the CPU with the bundle's own weights: leave "
+                "device and dtype unset"
+            )
+        return self
 
 
 class MemberSpec(_Strict):
@@ -247,6 +260,29 @@ class PipelineSpec(_Strict):
     def encoder_name(self) -> str:
         return parse_model_uri(self.encoder.model_uri)[0]
 
+    def _encoder_plan(self) -> StagePlan:
+        if self.encoder.runtime == "onnx":
+            stage_class = "deployments.onnx_encoder:OnnxEncoder"
+            kwargs: dict[str, Any] = {
+                "model_uri": self.encoder.model_uri,
+                "max_rows_per_forward": self.encoder.max_rows_per_forward,
+            }
+        else:
+            stage_class = "deployments.encoder:Encoder"
+            kwargs = {
+                "model_uri": self.encoder.model_uri,
+                "device": self.encoder.device,
+                "max_rows_per_forward": self.encoder.max_rows_per_forward,
+                "dtype": self.encoder.dtype,
+            }
+        return StagePlan(
+            deployment="Encoder",
+            stage_class=stage_class,
+            init_kwargs=kwargs,
+            input="tokens",
+            outputs=("embedding", "num_tokens"),
+        )
+
     def stage_plans(self) -> list[StagePlan]:
         """Stages in dependency order: tokenizer, encoder, members, ensemble."""
         plans = [
@@ -260,18 +296,7 @@ class PipelineSpec(_Strict):
                 input="text",
                 outputs=("input_ids", "attention_mask"),
             ),
-            StagePlan(
-                deployment="Encoder",
-                stage_class="deployments.encoder:Encoder",
-                init_kwargs={
-                    "model_uri": self.encoder.model_uri,
-                    "device": self.encoder.device,
-                    "max_rows_per_forward": self.encoder.max_rows_per_forward,
-                    "dtype": self.encoder.dtype,
-                },
-                input="tokens",
-                outputs=("embedding", "num_tokens"),
-            ),
+            self._encoder_plan(),
         ]
         for member in self.members:
             if member.input == "embedding":

@@ -4,6 +4,8 @@ bundle a device runs.
 * ``export`` — every variant (``fp32``, ``int8``, ``shrunk``) scored on the test split through
   its own bundle; those within the gate registered as ``intent-edge`` versions, ``edge`` on the
   one to ship (``--ship``, default ``int8``). Exit status 2 when that one is refused.
+* ``bench`` — size, load time, latency and throughput of every variant in process, and the
+  int8 profile served next to the torch one (README's edge table).
 * ``bundle`` — the registered bundle behind ``@edge`` (or ``--version``) as a folder, and with
   ``--archive DIR`` its ``.tar.gz`` and the ``latest.json`` channel manifest to serve devices.
 """
@@ -53,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle.add_argument("--version", help="an intent-edge version (default: @edge)")
     bundle.add_argument("--output", default=str(ROOT / "edge-bundle"))
     bundle.add_argument("--archive", help="also write the .tar.gz and latest.json here")
+    bench = commands.add_parser("bench", help="the variants in process, and served")
+    bench.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
+    bench.add_argument("--export", default=str(ROOT / ".edge"), help="export's output folder")
+    bench.add_argument("--no-served", action="store_true", help="in process only")
+    bench.add_argument("--output", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -71,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(_table(report))
         print(json.dumps({"registered": report["registered"], "alias": EDGE_ALIAS}))
+        return 0
+
+    if args.command == "bench":
+        from edge.benchmark import run, tables
+        from servecore.config_check import load_app_spec
+
+        spec = load_app_spec(args.config, "intent")
+        results = run(Path(args.export), spec, not args.no_served, Path(args.output))
+        print(tables(results))
         return 0
 
     from edge.bundle import archive

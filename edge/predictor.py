@@ -108,8 +108,10 @@ class EdgePredictor:
         pad = self.tokenizer.token_to_id("[PAD]")
         self.tokenizer.enable_padding(pad_id=0 if pad is None else pad, pad_token="[PAD]")
 
-    def embed(self, texts: Sequence[str], chunk: int = 16) -> np.ndarray:
-        """Sentence embeddings, longest texts first in chunks (little padding per chunk)."""
+    def embed(self, texts: Sequence[str], chunk: int = 1) -> np.ndarray:
+        """Sentence embeddings, ``chunk`` texts per run (longest first). One by default: int8's
+        dynamic quantization scales activations per run, so a text's answer would otherwise
+        depend on the texts batched with it; and one at a time is the fastest on CPUs here."""
         encodings = self.tokenizer.encode_batch(list(texts))
         lengths = np.asarray([sum(e.attention_mask) for e in encodings])
         out = np.empty((len(texts), 384), dtype=np.float32)

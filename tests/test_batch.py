@@ -194,6 +194,12 @@ def test_parity_comparison_fails_on_a_perturbed_probability_or_label():
     assert report.label_mismatches == 1
     assert [row.id for row in report.worst] == [0, 3]  # label mismatches first
 
+    # A quantised profile's gate: labels agree on 80% here, probabilities within a wide bound.
+    loose = compare(ids, texts, labels, probs, relabelled, perturbed, 0.5, 10, 0.8)
+    assert loose.ok and loose.label_agreement == 0.8
+    assert "label agreement 0.8000 (at least 0.8 required)" in loose.format()
+    assert not compare(ids, texts, labels, probs, relabelled, perturbed, 0.5, 10, 0.81).ok
+
 
 def test_help_names_both_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:

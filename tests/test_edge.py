@@ -38,10 +38,6 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-INT8_TOLERANCE = "0.15"
-"""Largest probability difference the int8 profile's parity gate allows between its batch and
-served answers: the accuracy gate measured 0.127 between int8 and torch on the test split."""
-
 
 @pytest.fixture(scope="module")
 def spec() -> Any:
@@ -264,11 +260,13 @@ def test_the_int8_profile_serves_the_same_api_and_passes_its_parity_gate(
         source = tmp_path / "test-split.parquet"
         pq.write_table(pa.table({"id": [i for i, _ in rows], "body": [t for _, t in rows]}), source)
         argv = ["parity", "--config", str(config), "--input", str(source), "--url", url]
-        gate = ["--label-agreement", "0.99", "--tolerance", INT8_TOLERANCE]
+        # The accuracy gate allows 1% of labels to move; one row per encoder run makes every
+        # text's answer independent of its batch, so the probabilities keep the default bound.
+        gate = ["--label-agreement", "0.99"]
         code = cli.main([*argv, *gate, "--text-column", "body", "--no-progress"])
         out = capsys.readouterr().out
         print(out)
         assert code == 0, out
-        assert f"parity PASS: {len(rows)} rows" in out
+        assert f"parity PASS: {len(rows)} rows, 0 label mismatches" in out
     finally:
         delete_app("edge-int8")

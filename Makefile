@@ -20,7 +20,7 @@ export RAY_SERVE_LOG_TO_STDERR ?= 1
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 5
 export RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS ?= 0.1,0.25,0.5,1,1.5,2,3,4,5,6,8,10,12,15,20,25,30,40,50,75,100,150,200,300,500,1000,2000,5000,10000,30000
 
-.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry
+.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry edge
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,13 @@ bench-quick: bootstrap
 # `python3 -m bench.gpu run --output $$OUT/gpu.json` (see bench/gpu.py and the README).
 gpu-bundle: install
 	$(PY) -m bench.gpu prepare --output .gpu-bundle
+
+# Edge: export the served release to ONNX (fp32, int8, shrunk), gate each on the test split,
+# register the passing ones (intent-edge, @edge on int8), then write the bundle a device runs
+# (edge-bundle/) and its update channel (edge-channel/: the .tar.gz and latest.json).
+edge: bootstrap
+	$(PY) -m edge export
+	$(PY) -m edge bundle --output edge-bundle --archive edge-channel
 
 clean-registry:
 	rm -rf mlflow.db mlartifacts .cache/models

@@ -224,7 +224,7 @@ def test_field_updates_pick_up_newer_refuse_corrupt_and_roll_back(bundle, channe
 
 @pytest.mark.serve
 def test_the_int8_profile_serves_the_same_api_and_passes_its_parity_gate(
-    exported, serve_instance, tmp_path, capsys
+    exported, bundle, serve_instance, tmp_path, capsys
 ):
     """``serve_config.onnx.yaml``'s application (the int8 encoder on onnxruntime, registered
     above) over the same /v1/predict, and ``python -m batch parity`` against it with the label
@@ -268,5 +268,15 @@ def test_the_int8_profile_serves_the_same_api_and_passes_its_parity_gate(
         print(out)
         assert code == 0, out
         assert f"parity PASS: {len(rows)} rows, 0 label mismatches" in out
+
+        # The device's predictor (the bundle the fresh-environment test ran) against the served
+        # answers: the same int8 encoder, ONNX heads and vote instead of torch ones.
+        from batch.parity import predict_online
+
+        texts = [t for _, t in rows]
+        served_labels, _ = predict_online(url, texts, 60.0)
+        device = [a["label"] for a in EdgePredictor(bundle).predict(texts)]
+        agreement = np.mean([a == b for a, b in zip(device, served_labels, strict=True)])
+        assert agreement >= 0.99, agreement
     finally:
         delete_app("edge-int8")

@@ -7,6 +7,7 @@ Data it runs in an actor pool. Either way the weights are loaded once, in the co
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +32,15 @@ def _as_matrix(column: np.ndarray) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
+
+
+def length_chunks(lengths: np.ndarray, max_rows: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Rows longest first, ``max_rows`` at a time, each chunk with its longest row's length: cut
+    to that width, a chunk wastes little on padding."""
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), max_rows):
+        rows = order[start : start + max_rows]
+        yield rows, max(int(lengths[rows].max()), 1)
 
 
 class Encoder:
@@ -63,12 +73,8 @@ class Encoder:
         mask = _as_matrix(batch["attention_mask"])
         lengths = mask.sum(axis=1)
         out = np.empty((len(ids), self.dimension), dtype=np.float32)
-        # Longest first, in chunks, each cut to its own longest row: padding costs little.
-        order = np.argsort(-lengths, kind="stable")
         with torch.inference_mode():
-            for start in range(0, len(order), self.max_rows_per_forward):
-                rows = order[start : start + self.max_rows_per_forward]
-                width = max(int(lengths[rows].max()), 1)
+            for rows, width in length_chunks(lengths, self.max_rows_per_forward):
                 chunk_ids = torch.from_numpy(ids[rows, :width]).to(self.device)
                 chunk_mask = torch.from_numpy(mask[rows, :width]).to(self.device)
                 hidden = self._model(input_ids=chunk_ids, attention_mask=chunk_mask)[0].float()

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from deployments.encoder import _as_matrix
+from deployments.encoder import _as_matrix, length_chunks
 from servecore.pipeline.batching import Batch
 from servecore.registry.client import open_model
 
@@ -51,11 +51,7 @@ class OnnxEncoder:
         mask = _as_matrix(batch["attention_mask"])
         lengths = mask.sum(axis=1)
         out = np.empty((len(ids), self.dimension), dtype=np.float32)
-        # Longest first, in chunks, each cut to its own longest row, as the torch encoder does.
-        order = np.argsort(-lengths, kind="stable")
-        for start in range(0, len(order), self.max_rows_per_forward):
-            rows = order[start : start + self.max_rows_per_forward]
-            width = max(int(lengths[rows].max()), 1)
+        for rows, width in length_chunks(lengths, self.max_rows_per_forward):
             feed = {
                 "input_ids": np.ascontiguousarray(ids[rows, :width], dtype=np.int64),
                 "attention_mask": np.ascontiguousarray(mask[rows, :width], dtype=np.int64),

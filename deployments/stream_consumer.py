@@ -90,6 +90,18 @@ class StreamConsumer:
         rates and latencies) and this replica's readers (a handle method: ``GET /v1/streams``)."""
         if not self.knobs.streams:
             return {"enabled": True, "consumer": self.consumer, "streams": []}
+        import redis.exceptions
+
+        try:
+            return await self._status()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            # Redis went away since the last call (a restart): one more try on a new connection.
+            if self._redis is not None:
+                await self._redis.aclose()
+            self._redis = None
+            return await self._status()
+
+    async def _status(self) -> dict[str, Any]:
         if self._redis is None:
             self._redis = self._connect()
         streams = []

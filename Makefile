@@ -20,7 +20,7 @@ export RAY_SERVE_LOG_TO_STDERR ?= 1
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 5
 export RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS ?= 0.1,0.25,0.5,1,1.5,2,3,4,5,6,8,10,12,15,20,25,30,40,50,75,100,150,200,300,500,1000,2000,5000,10000,30000
 
-.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry edge
+.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry edge k8s
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bootstrap: install
 
 serve: bootstrap validate
 	$(VENV)/bin/serve run serve_config.yaml
+
+# The KubeRay manifests in cluster/k8s/, generated from the Serve configs (cluster/README.md).
+k8s: install
+	$(PY) -m cluster.kuberay --shipped
 
 validate: install
 	$(PY) -m servecore.config_check serve_config.yaml serve_config.gpu.yaml serve_config.onnx.yaml

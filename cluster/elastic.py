@@ -456,34 +456,33 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_fixed_cost_app(args: dict[str, Any]) -> Any:
-    """``FixedCostIngress`` -> ``FixedCostModel`` (import path for a Serve config)."""
+    """:class:`FixedCostModel` alone, as its application's HTTP ingress (import path for a Serve
+    config): HAProxy sends each request straight to the replica with the fewest connections."""
     from ray import serve
 
-    @serve.deployment(name="FixedCostModel", max_ongoing_requests=1)
+    @serve.deployment(name="FixedCostModel", max_ongoing_requests=32)
     class FixedCostModel:
         """A model replica with a fixed cost: ``startup_s`` to load, ``service_ms`` per request,
-        one request at a time, no CPU used while it works (as a replica whose model runs on an
-        accelerator)."""
+        one request at a time on a device of its own (a single worker thread: the next request
+        starts the moment the last ends, whatever the replica's event loop is doing), no CPU used
+        while it works. It stands for a replica whose model runs on an accelerator; the requests
+        waiting for the device wait in the replica, where Serve counts them."""
 
         def __init__(self, startup_s: float, service_ms: float) -> None:
+            from concurrent.futures import ThreadPoolExecutor
+
             time.sleep(startup_s)
             self.service_s = service_ms / 1000.0
-
-        async def __call__(self, n: int) -> dict[str, Any]:
-            await asyncio.sleep(self.service_s)
-            return {"n": n}
-
-    @serve.deployment(name="FixedCostIngress", max_ongoing_requests=1024)
-    class FixedCostIngress:
-        def __init__(self, model: Any) -> None:
-            self.model = model
+            self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+            self.replica = serve.get_replica_context().replica_id.unique_id
 
         async def __call__(self, request: Any) -> dict[str, Any]:
             body = await request.json()
-            return await self.model.remote(int(body.get("n", 0)))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.device, time.sleep, self.service_s)
+            return {"n": int(body.get("n", 0)), "replica": self.replica}
 
-    model = FixedCostModel.bind(float(args["startup_s"]), float(args["service_ms"]))
-    return FixedCostIngress.bind(model)
+    return FixedCostModel.bind(float(args["startup_s"]), float(args["service_ms"]))
 
 
 @dataclass(frozen=True)
@@ -500,6 +499,8 @@ class Ramp:
     service_ms: float = 50.0
     startup_s: float = 6.0
     max_replicas: int = 4
+    target_ongoing: float = 2.0
+    """Per replica: one served, one waiting (a 100 ms answer at 50 ms each, well inside the SLO)."""
 
     @property
     def duration_s(self) -> float:
@@ -522,12 +523,41 @@ POLICIES: dict[str, dict[str, Any] | None] = {
 }
 
 
+def fixed_cost_config(
+    name: str,
+    service_ms: float,
+    startup_s: float,
+    replicas: int | None = None,
+    autoscaling: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Serve config with one :func:`build_fixed_cost_app` application at ``/<name>``."""
+    model: dict[str, Any] = {
+        "name": "FixedCostModel",
+        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+    }
+    if autoscaling is not None:
+        model["autoscaling_config"] = autoscaling
+    else:
+        model["num_replicas"] = replicas or 1
+    return {
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": f"/{name}",
+                "import_path": "cluster.elastic:build_fixed_cost_app",
+                "args": {"startup_s": startup_s, "service_ms": service_ms},
+                "deployments": [model],
+            }
+        ]
+    }
+
+
 def ramp_config(ramp: Ramp, policy: dict[str, Any] | None) -> dict[str, Any]:
     scaling: dict[str, Any] = {
         "min_replicas": 1,
         "initial_replicas": 1,
         "max_replicas": ramp.max_replicas,
-        "target_ongoing_requests": 1,
+        "target_ongoing_requests": ramp.target_ongoing,
         "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
         "upscale_delay_s": 1,
@@ -535,27 +565,7 @@ def ramp_config(ramp: Ramp, policy: dict[str, Any] | None) -> dict[str, Any]:
     }
     if policy is not None:
         scaling["policy"] = policy
-    return {
-        "applications": [
-            {
-                "name": "ramp",
-                "route_prefix": "/ramp",
-                "import_path": "cluster.elastic:build_fixed_cost_app",
-                "args": {"startup_s": ramp.startup_s, "service_ms": ramp.service_ms},
-                "deployments": [
-                    {
-                        "name": "FixedCostIngress",
-                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                    },
-                    {
-                        "name": "FixedCostModel",
-                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                        "autoscaling_config": scaling,
-                    },
-                ],
-            }
-        ]
-    }
+    return fixed_cost_config("ramp", ramp.service_ms, ramp.startup_s, autoscaling=scaling)
 
 
 def run_ramp(port: int, ramp: Ramp, policy_name: str) -> dict[str, Any]:

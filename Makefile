@@ -20,7 +20,7 @@ export RAY_SERVE_LOG_TO_STDERR ?= 1
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S ?= 5
 export RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS ?= 0.1,0.25,0.5,1,1.5,2,3,4,5,6,8,10,12,15,20,25,30,40,50,75,100,150,200,300,500,1000,2000,5000,10000,30000
 
-.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry edge k8s
+.PHONY: install bootstrap serve test test-fast lint bench bench-quick gpu-bundle validate clean-registry edge k8s bench-autoscale
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ lint: install
 bench: bootstrap
 	$(PY) -m bench
 	$(PY) -m bench.batch
+
+# Autoscaling policies side by side (Serve's default, servecore.autoscaling:LookAheadPolicy) on one
+# bounded ramp, on a local two-node cluster; about 5 minutes (README, "Scaling that looks ahead").
+bench-autoscale: install
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m cluster.elastic ramp --repeats 2 \
+		--output bench/results/autoscale-latest.json
 
 bench-quick: bootstrap
 	$(PY) -m bench --quick --output /tmp/intent-bench-quick

@@ -18,8 +18,8 @@ Use it in a deployment's ``autoscaling_config``::
       policy_kwargs: {window_s: 10, startup_s: 8}
 
 Serve pickles a custom policy's module by value into its controller, so this module holds
-nothing else and imports nothing from the project. ``bench/autoscale.py`` measures it against the
-default on the same ramp (README, "Scaling that looks ahead").
+nothing else and imports nothing from the project. ``make bench-autoscale`` measures it against
+the default on one ramp (README, "Scaling that looks ahead").
 """
 
 from __future__ import annotations

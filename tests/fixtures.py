@@ -249,3 +249,39 @@ def scrape(port: int) -> dict[str, float]:
         value = float(line.rsplit(" ", 1)[1])
         largest[name] = max(largest.get(name, 0.0), value)
     return largest
+
+
+def run_report(command: list[str], timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run a drill (``python -m ...``) in a child process and return its report: the last JSON
+    line on its stdout (Ray writes there too). On a timeout the drill gets SIGTERM first (it shuts
+    Serve and its nodes down on it; SIGKILL would orphan them). Fails the test when the drill
+    fails, with the tail of its stderr."""
+    import signal
+    import subprocess
+
+    import pytest
+
+    process = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"{command} ran past {timeout_s}s; stderr tail:\n{stderr[-4000:]}")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
+    if process.returncode != 0 or not report.get("ok"):
+        pytest.fail(f"{command} failed (exit {process.returncode}): {report}\n{stderr[-4000:]}")
+    report["stderr_tail"] = stderr[-4000:]
+    return report

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from typing import Any
 
 import pytest
 
 from tests.conftest import PIPELINE_GROUP, ROOT
+from tests.fixtures import run_report
 
 pytestmark = pytest.mark.slow
 
@@ -55,33 +54,8 @@ def run_drill() -> tuple[dict[str, Any], str]:
         "RAY_AUTH_MODE": "disabled",
         "PYTHONPATH": str(ROOT),
     }
-    drill = subprocess.Popen(
-        [sys.executable, "-m", "tests.node_failure_drill"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = drill.communicate(timeout=DRILL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: the drill shuts Serve and its nodes down on it; SIGKILL would orphan them.
-        drill.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = drill.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            drill.kill()
-            stdout, stderr = drill.communicate()
-        pytest.fail(f"the drill ran past {DRILL_TIMEOUT_S}s; stderr tail:\n{stderr[-4000:]}")
-    # Ray writes to stdout too (a raylet's death notice), so the report is the last JSON line.
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    report = json.loads(lines[-1]) if lines else {}
-    tail = stderr[-4000:]
-    assert drill.returncode == 0 and report.get("ok"), (
-        f"the drill failed (exit {drill.returncode}): {report}\nstderr tail:\n{tail}"
-    )
-    return report, tail
+    report = run_report([sys.executable, "-m", "tests.node_failure_drill"], DRILL_TIMEOUT_S, env)
+    return report, report.pop("stderr_tail")
 
 
 def test_losing_the_worker_node_under_load_fails_no_request_and_replicas_come_back(registry):

@@ -332,7 +332,7 @@ def drill_config(max_replicas: int) -> dict[str, Any]:
                 "max_replicas": 1,
                 "target_ongoing_requests": 1,
                 "downscale_delay_s": 3,
-                "downscale_to_zero_delay_s": 3,
+                "downscale_to_zero_delay_s": 1,
                 **FAST,
             }
     return {
@@ -438,18 +438,42 @@ def _cold_start(
     }
 
 
-def run_drill(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class DrillOptions:
+    """The drill's knobs (the ``drill`` command's options)."""
+
+    max_replicas: int = 2
+    clients: int = 16
+    hold_s: float = 1.0
+    max_requests: int = 50_000
+    max_load_s: float = 90.0
+    down_timeout_s: float = 60.0
+    cold_clients: int = 3
+
+
+def drill_phases(port: int, options: Any, clean_up: bool = False) -> dict[str, Any]:
+    """Up, down and from zero on a running Serve at ``port``; with ``clean_up``, the two
+    applications are deleted after (a caller that drills more on the same cluster)."""
+    from ray import serve
+
     from graphs.deploy import deploy
 
-    report: dict[str, Any] = {"ok": False}
-    with serve_cluster(args.nodes, args.cpus) as port:
-        started = time.monotonic()
-        deploy(drill_config(args.max_replicas))
-        report["deploy_s"] = round(time.monotonic() - started, 1)
-        report["scale"] = scale_up_and_down(port, args)
-        report["zero"] = from_zero(port, args)
-        report["ok"] = True
+    started = time.monotonic()
+    config = deploy(drill_config(options.max_replicas))
+    report: dict[str, Any] = {"deploy_s": round(time.monotonic() - started, 1)}
+    report["scale"] = scale_up_and_down(port, options)
+    report["zero"] = from_zero(port, options)
+    if clean_up:
+        names = {app["name"] for app in config["applications"]}
+        for name in names:
+            serve.delete(name, _blocking=False)
+        wait_until(lambda: not names & set(serve.status().applications), 120)
     return report
+
+
+def run_drill(args: argparse.Namespace) -> dict[str, Any]:
+    with serve_cluster(args.nodes, args.cpus) as port:
+        return {**drill_phases(port, args), "ok": True}
 
 
 # --- ramp: the default policy against the look-ahead one --------------------------------------
@@ -626,13 +650,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", type=float, default=2)
     commands = parser.add_subparsers(dest="command", required=True)
     drill = commands.add_parser("drill", help="scale up, down and from zero, under load")
-    drill.add_argument("--max-replicas", type=int, default=2, help="as shipped (default: 2)")
-    drill.add_argument("--clients", type=int, default=16)
-    drill.add_argument("--hold-s", type=float, default=3.0, help="load kept on at full scale")
-    drill.add_argument("--max-requests", type=int, default=50_000)
-    drill.add_argument("--max-load-s", type=float, default=90.0)
-    drill.add_argument("--down-timeout-s", type=float, default=60.0)
-    drill.add_argument("--cold-clients", type=int, default=3)
+    defaults = DrillOptions()
+    drill.add_argument("--max-replicas", type=int, default=defaults.max_replicas)
+    drill.add_argument("--clients", type=int, default=defaults.clients)
+    drill.add_argument("--hold-s", type=float, default=defaults.hold_s, help="load at full scale")
+    drill.add_argument("--max-requests", type=int, default=defaults.max_requests)
+    drill.add_argument("--max-load-s", type=float, default=defaults.max_load_s)
+    drill.add_argument("--down-timeout-s", type=float, default=defaults.down_timeout_s)
+    drill.add_argument("--cold-clients", type=int, default=defaults.cold_clients)
     ramp = commands.add_parser("ramp", help="default vs look-ahead autoscaling on one ramp")
     ramp.add_argument("--high", type=float, default=Ramp.high)
     ramp.add_argument("--startup-s", type=float, default=Ramp.startup_s)

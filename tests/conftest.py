@@ -229,6 +229,30 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return result
 
 
+CLUSTER_DRILL_TIMEOUT_S = 600
+"""The two-node cluster drill (``python -m tests.node_failure_drill --elastic``): the elastic
+drill (~50 s), then the node-failure drill (~40 s), plus one cluster's start-up and shutdown."""
+
+
+@pytest.fixture(scope="session")
+def cluster_drill(registry: Registry) -> dict[str, Any]:
+    """One local two-node cluster for ``test_elastic`` and ``test_node_failure``: its report
+    (``elastic`` holds the elastic drill's). A child process: the session runs a Ray instance
+    of its own, and a driver connects to one cluster only."""
+    import sys
+
+    from tests.fixtures import run_report
+
+    env = {
+        **os.environ,  # MLFLOW_TRACKING_URI and the INTENT_SERVING_* of the session registry
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "tests.node_failure_drill", "--elastic"]
+    return run_report(command, CLUSTER_DRILL_TIMEOUT_S, env)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """Tokenizer and encoder from the package's model folder, loaded once per test process."""

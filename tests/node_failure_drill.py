@@ -25,7 +25,11 @@ The cluster runs in this process, not in the test's: the test session runs its o
 and a driver connects to one cluster only. The registry comes from the environment
 (``MLFLOW_TRACKING_URI``): the gateway resolves its releases at start-up.
 
-    MLFLOW_TRACKING_URI=sqlite:///…/mlflow.db python -m tests.node_failure_drill
+With ``--elastic`` the two nodes first run the elastic drill of ``python -m cluster.elastic``
+(scale up, down and from zero, real models; its report under ``elastic``), which deletes its
+applications before this drill deploys: the test suite pays for one cluster, not two.
+
+    MLFLOW_TRACKING_URI=sqlite:///…/mlflow.db python -m tests.node_failure_drill [--elastic]
 """
 
 from __future__ import annotations
@@ -260,9 +264,10 @@ def build_graph() -> Any:
     )
 
 
-def deploy(port: int, deployments: Sequence[str], head_node_id: str) -> None:
+def deploy(port: int, deployments: Sequence[str], head_node_id: str, start: bool = True) -> None:
     """Serve with its proxy on the head only (both nodes share 127.0.0.1, so a proxy per node
-    would fight over the port), then the graph, one replica of each deployment per node."""
+    would fight over the port; ``start=False``: already started), then the graph, one replica of
+    each deployment per node."""
     import ray
     from ray import serve
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -275,7 +280,8 @@ def deploy(port: int, deployments: Sequence[str], head_node_id: str) -> None:
         def ready(self) -> bool:
             return True
 
-    start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
+    if start:
+        start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
     # Holds one of the head's two units per deployment while the replicas are placed.
     placeholder = Placeholder.options(
         resources=node_resources(deployments, 1),
@@ -319,6 +325,9 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     # Serve as shipped, HAProxy on ports of its own: the test session that started this process
     # runs a cluster of its own with HAProxy on the ports in the inherited environment.
     os.environ.update(serve_env())
+    # A gateway being deleted (the elastic drill's, Serve's shutdown) keeps its port open this
+    # long for load balancers to deregister it; nothing deregisters here, and the cluster goes.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
     cluster = Cluster()
     load: Load | None = None
     try:
@@ -340,8 +349,17 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
         port = quiet_port()  # HAProxy binds it: outside the ephemeral range
+        if args.elastic:
+            # The elastic drill first, on the same two nodes (one cluster's start-up and
+            # shutdown for both drills in the test suite): it deletes its applications after.
+            from cluster.elastic import DrillOptions, drill_phases
+            from graphs.deploy import start_serve
+            from servecore.config_check import load_config
+
+            start_serve(load_config(ROOT / "serve_config.yaml"), http_port=port)
+            report["elastic"] = drill_phases(port, DrillOptions(), clean_up=True)
         started = time.monotonic()
-        deploy(port, deployments, head.node_id)
+        deploy(port, deployments, head.node_id, start=not args.elastic)
         report["deploy_s"] = round(time.monotonic() - started, 1)
         before = replica_placement(deployments)
         report["replicas_before"] = by_role(before, roles)
@@ -472,6 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds of load on the rescheduled replicas (default: 5)",
     )
     parser.add_argument("--cpus", type=float, default=2, help="logical CPUs per node (default: 2)")
+    parser.add_argument(
+        "--elastic",
+        action="store_true",
+        help="run python -m cluster.elastic's drill on the same cluster first",
+    )
     parser.add_argument(
         "--object-store-mb", type=int, default=128, help="object store per node (default: 128)"
     )

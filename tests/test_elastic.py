@@ -1,8 +1,8 @@
 """Elastic scaling on a local two-node cluster: up, down and from zero, with no failed request.
 
-``python -m cluster.elastic drill`` runs in a child process (the test session runs a Ray instance
-of its own, and a driver connects to one cluster only) on the session's registry, and prints its
-facts as one JSON line; these tests judge them. The drill runs once for the module.
+The drill (``python -m cluster.elastic drill``'s phases) runs in a child process on the session's
+registry, on the two-node cluster of the node-failure drill, before it (the session's
+``cluster_drill``, one cluster start-up for both); these tests judge the facts it reports.
 
 Measured on a 2-core machine (4 logical CPUs over two nodes): the intent model group went from
 one to two replicas (its shipped bounds) 13.5 s into a 16-client load (the new replica loads
@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from typing import Any
 
 import pytest
-
-from tests.conftest import ROOT
-from tests.fixtures import run_report
 
 pytestmark = pytest.mark.slow
 
 logger = logging.getLogger(__name__)
 
-DRILL_TIMEOUT_S = 420
 MAX_REPLICAS = 2
 SCALE_UP_BOUND_S = 75
 """Load start to the maximum running: 13.5 s measured for two, 20 s for three (each new replica
@@ -40,23 +34,9 @@ import and the scikit-learn model's load)."""
 
 
 @pytest.fixture(scope="module")
-def drill(registry: Any) -> dict[str, Any]:
-    env = {
-        **os.environ,  # MLFLOW_TRACKING_URI and the INTENT_SERVING_* of the session registry
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "cluster.elastic",
-        "drill",
-        "--max-replicas",
-        str(MAX_REPLICAS),
-    ]
-    report = run_report(command, DRILL_TIMEOUT_S, env)
-    logger.info("elastic drill: %s", json.dumps({k: report[k] for k in ("scale", "zero")}))
+def drill(cluster_drill: dict[str, Any]) -> dict[str, Any]:
+    report = cluster_drill["elastic"]
+    logger.info("elastic drill: %s", json.dumps(report))
     return report
 
 

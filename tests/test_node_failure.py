@@ -7,38 +7,32 @@ the worker node is killed without warning; Serve must notice, answer every reque
 retries a failed one once, the standard the project holds a replica loss to), and bring each
 deployment back to two running replicas on the surviving head node.
 
-The cluster lives in a child process, ``python -m tests.node_failure_drill`` (its docstring
-tells how placement is arranged): the test session runs its own Ray instance and a driver
-connects to one cluster only. The drill prints its facts as one JSON line; this test judges
-them. Measured on a 2-core machine with the fully split graph (seven deployments): Serve saw the
-replicas die 2-3 s after the kill, and all fourteen replicas ran again 31-39 s after it (52 s while
-other test runs kept the machine busy), most of that spent starting seven Python worker processes
-at once on two cores. Between 200 and 300 requests were answered after the kill; none failed after
-its retry, and most runs had no failed first attempt either. With the shipped grouping there are
-two deployments, four replicas.
+The cluster lives in a child process, ``python -m tests.node_failure_drill --elastic`` (the
+session's ``cluster_drill``; its docstring tells how placement is arranged), which runs the elastic
+drill of ``tests/test_elastic.py`` on the same two nodes first: the test session runs its own Ray
+instance and a driver connects to one cluster only. The drill prints its facts as one JSON line;
+this test judges them. Measured on a 2-core machine with the fully split graph (seven deployments):
+Serve saw the replicas die 2-3 s after the kill, and all fourteen replicas ran again 31-39 s after
+it (52 s while other test runs kept the machine busy), most of that spent starting seven Python
+worker processes at once on two cores. Between 200 and 300 requests were answered after the kill;
+none failed after its retry, and most runs had no failed first attempt either. With the shipped
+grouping there are two deployments, four replicas.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-from typing import Any
 
 import pytest
 
-from tests.conftest import PIPELINE_GROUP, ROOT
-from tests.fixtures import run_report
+from tests.conftest import PIPELINE_GROUP
 
 pytestmark = pytest.mark.slow
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENTS = ["Gateway", PIPELINE_GROUP]
-DRILL_TIMEOUT_S = 420
-"""The whole drill: two nodes, a deploy of four replicas, the load until the replicas are back
-and a few seconds more, the shutdown."""
 RESCHEDULE_BOUND_S = 90
 """Kill to every deployment back at two running replicas: measured 31-39 s on two cores, 52 s on
 a busy machine (the drill itself waits up to 120 s, so a miss reports the actual time)."""
@@ -46,20 +40,8 @@ MIN_SERVED_AFTER_REMOVAL = 50
 """Requests sent after the kill and answered: the service must go on, not merely survive."""
 
 
-def run_drill() -> tuple[dict[str, Any], str]:
-    """The drill's report (its last JSON line on stdout) and the tail of its stderr."""
-    env = {
-        **os.environ,  # MLFLOW_TRACKING_URI and the INTENT_SERVING_* of the session registry
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": str(ROOT),
-    }
-    report = run_report([sys.executable, "-m", "tests.node_failure_drill"], DRILL_TIMEOUT_S, env)
-    return report, report.pop("stderr_tail")
-
-
-def test_losing_the_worker_node_under_load_fails_no_request_and_replicas_come_back(registry):
-    report, tail = run_drill()
+def test_losing_the_worker_node_under_load_fails_no_request_and_replicas_come_back(cluster_drill):
+    report, tail = cluster_drill, cluster_drill["stderr_tail"]
     facts = {k: v for k, v in report.items() if k != "timeline"}
     logger.info("node failure drill: %s", json.dumps(facts))
     context = f"\nreport: {json.dumps(facts)}\ntimeline: {report.get('timeline')}\n{tail}"

@@ -26,7 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The local CPU build first: the project's torch range then pulls no CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The rest through uv: the same versions pip resolves (checked package by package), in
+	# seconds instead of the two minutes pip took here, which every CI run paid.
+	$(PY) -m pip install --quiet "uv>=0.5,<1"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev]"
 	touch $@
 
 # OIP v2 gRPC stubs, compiled from the .proto with the project's grpcio-tools (build outputs).

@@ -61,7 +61,7 @@ SHIPPED: dict[str, tuple[str, list[str]]] = {
     "cluster/k8s/intent-serving.yaml": ("serve_config.yaml", []),
     "cluster/k8s/intent-serving-gpu.yaml": (
         "serve_config.gpu.yaml",
-        ["--gpu-worker", "1:8:32Gi", "--image", f"intent-serving:{RAY_VERSION}-gpu"],
+        ["--gpu-worker", "1:8:32Gi", "--image", f"intent-serving:{RAY_VERSION}-cu128"],
     ),
 }
 """The manifests committed in the repository: output file -> (Serve config, extra arguments).

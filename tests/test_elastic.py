@@ -8,7 +8,7 @@ Measured on a 2-core machine (4 logical CPUs over two nodes): the intent model g
 one to two replicas (its shipped bounds) 13.5 s into a 16-client load (the new replica loads
 MiniLM while the other serves), back to one 4.9 s after the load stopped (``downscale_delay_s:
 3``), 1,810 requests and none failed; with three as the maximum, three replicas ran 20 s in.
-The breast-cancer model woke from zero in 6.2-7.0 s and every waiting client, one that arrived
+The breast-cancer model woke from zero in 6.2-9.7 s and every waiting client, one that arrived
 half a second into the cold start included, got its answer.
 """
 
@@ -29,7 +29,7 @@ SCALE_UP_BOUND_S = 75
 """Load start to the maximum running: 13.5 s measured for two, 20 s for three (each new replica
 loads the encoder on a machine the load keeps busy)."""
 COLD_START_BOUND_S = 45
-"""First request to first answer from zero replicas: 7.0 s measured (a Python worker, MLflow's
+"""First request to first answer from zero replicas: 6.2-9.7 s measured (a Python worker, MLflow's
 import and the scikit-learn model's load)."""
 
 

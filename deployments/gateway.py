@@ -26,9 +26,12 @@ from servecore.api.jobs import JobDesk, JobsConfig
 from servecore.api.v1 import StreamingConfig
 from servecore.api.v2_grpc import InferenceServicer
 from servecore.pipeline.spec import PipelineSpec
+from servecore.rollouts.agent import Override, RolloutAgent
+from servecore.rollouts.model import CANDIDATE_ALIAS, CANDIDATE_VARIANT
 from servecore.settings import get_settings
 from servecore.traffic.base import ServingCore
 from servecore.traffic.core import TrafficConfig, TrafficCore
+from servecore.traffic.experiments import ShadowConfig, Variant
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,16 +47,29 @@ class GatewayUserConfig(TrafficConfig):
 
 class GatewayReplica(InferenceServicer):
     """What every gateway replica does with its core (plain, so both ingress deployments share
-    it): installs the fronts' services, warns about open access, applies live knobs."""
+    it): installs the fronts' services, warns about open access, applies live knobs and the
+    split of the rollout its application runs (:mod:`servecore.rollouts.agent`)."""
 
     knobs_class: type[TrafficConfig] = TrafficConfig
 
     def _install(self, core: ServingCore[Any]) -> None:
         self.core = core
         self.knobs = self.knobs_class()
-        keyring = KeyRing(get_settings().api_keys)
+        self.override: Override | None = None
+        settings = get_settings()
+        keyring = KeyRing(settings.api_keys)
         limits = getattr(self.knobs, "limits", LimitsConfig())
         self.services = context.Services(core, JobDesk(), keyring, limits)
+        replica = serve.get_replica_context()
+        self.services.app_name = replica.app_name
+        if settings.rollout_sync_s > 0:
+            core.rollouts = RolloutAgent(
+                core,
+                replica.app_name,
+                replica.replica_id.unique_id,
+                self._apply_override,
+                sync_s=settings.rollout_sync_s,
+            )
         context.install(self.services)
         if keyring.open:
             logger.warning(
@@ -66,12 +82,42 @@ class GatewayReplica(InferenceServicer):
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         knobs = self.knobs_class.model_validate(config or {})
-        await self.core.configure(knobs)
+        await self.core.configure(self._effective(knobs))
         self.knobs = knobs
         if isinstance(knobs, GatewayUserConfig):
             self.services.jobs.knobs = knobs.jobs
             self.services.streaming = knobs.streaming
         self.services.limits = getattr(knobs, "limits", LimitsConfig())
+
+    def _effective(self, knobs: TrafficConfig) -> TrafficConfig:
+        """The knobs with the running rollout's split in place of the A/B split and shadow:
+        the first variant (the champion) and the candidate, weighted by the step."""
+        override = self.override
+        if override is None:
+            return knobs
+        base = knobs.experiment.variants[0]
+        share = override.candidate_percent
+        variants = [
+            Variant(name=base.name, alias=base.alias, weight=100.0 - share),
+            Variant(name=CANDIDATE_VARIANT, alias=CANDIDATE_ALIAS, weight=share),
+        ]
+        shadow = ShadowConfig(
+            variant=CANDIDATE_VARIANT if override.shadow > 0 else None,
+            fraction=override.shadow,
+            max_in_flight=knobs.shadow.max_in_flight,
+        )
+        experiment = knobs.experiment.model_copy(update={"variants": variants})
+        return knobs.model_copy(update={"experiment": experiment, "shadow": shadow})
+
+    async def _apply_override(self, override: Override | None) -> None:
+        self.override = override
+        await self.core.configure(self._effective(self.knobs))
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; it also keeps the rollout agent running (it follows
+        the application's rollout even while no request arrives)."""
+        if self.core.rollouts is not None:
+            self.core.rollouts.ensure_running()
 
     async def current_knobs(self) -> dict[str, Any]:
         """The live knobs this replica applies now (a handle method, no route): ``user_config``

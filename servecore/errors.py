@@ -65,6 +65,25 @@ class JobFinished(ServingError):
     error_type = "job_finished"
 
 
+class RolloutNotFound(ServingError):
+    status_code = 404
+    error_type = "rollout_not_found"
+
+
+class RolloutConflict(ServingError):
+    """The application runs another rollout, or the rollout has ended."""
+
+    status_code = 409
+    error_type = "rollout_conflict"
+
+
+class AnswerNotFound(ServingError):
+    """Feedback on an answer that was not recorded (or was forgotten)."""
+
+    status_code = 404
+    error_type = "answer_not_found"
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "model_not_found"

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     jobs_queue: str = "intent-jobs"
     """Queue name on the broker."""
 
+    rollout_sync_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    """How often each gateway replica syncs with the rollout store (the job store's database):
+    sends its evidence and recorded answers, reads the rollout's step, and (one replica, by
+    lease) judges the gates. It bounds how soon a failing candidate loses its traffic (about two
+    intervals). 0 turns rollouts off in this deployment."""
+
     streams_url: str | None = None
     """Redis holding the streams the ``StreamConsumer`` reads and writes
     (``redis://host:6379/0``). Unset: the application has no stream consumer at all. Turn

@@ -98,6 +98,48 @@ class ScriptedModel(UniformModel):
         return super().__call__(batch) if self.inner is None else self.inner(batch)
 
 
+class VersionedHead:
+    """A head stage whose behaviour depends on the registered version it was loaded for, so a
+    rollout's candidate can be scripted: it names one label per text (a hash of the text) with
+    certainty, and does what ``script`` says for its version, read at every call:
+    ``{"<version>": {"mode": "error", "rate": 0.5}}`` fails that share of calls,
+    ``{"mode": "slow", "seconds": 0.3}`` sleeps first, ``{"mode": "flip"}`` names another label.
+    It loads no weights: the registered version only has to exist."""
+
+    def __init__(self, model_uri: str, script: str) -> None:
+        import random
+
+        from servecore.registry.client import resolve
+
+        self.model_ref = resolve(model_uri)
+        self.script = Path(script)
+        self.rng = random.Random()
+
+    def _mode(self) -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = json.loads(self.script.read_text())
+        except (OSError, ValueError):
+            return {}
+        return dict(found.get(self.model_ref.version, {}))
+
+    def __call__(self, batch: Batch) -> Batch:
+        import zlib
+
+        mode = self._mode()
+        if mode.get("mode") == "error" and self.rng.random() < float(mode.get("rate", 1.0)):
+            raise RuntimeError(f"injected failure of version {self.model_ref.version}")
+        if mode.get("mode") == "slow":
+            time.sleep(float(mode["seconds"]))
+        shift = 1 if mode.get("mode") == "flip" else 0
+        texts = [str(t) for t in batch["text"]] if "text" in batch else None
+        n = num_rows(batch)
+        probs = np.zeros((n, len(LABELS)), np.float32)
+        for i in range(n):
+            key = zlib.crc32(texts[i].encode()) if texts is not None else i
+            probs[i, (key + shift) % len(LABELS)] = 1.0
+        return {"probs": probs}
+
+
 def write_script(script: Path, **stages: dict[str, Any]) -> None:
     """Set what every :class:`ScriptedModel` reading ``script`` does (none named: answer)."""
     partial = script.with_suffix(".part")

@@ -394,6 +394,50 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         ),
     ),
     (
+        "Rollouts",
+        (
+            Panel(
+                "Rollout step and candidate traffic",
+                "The running rollout's step (0-based) and the percent of requests its candidate "
+                "answers; status 1 = promoted, -1 = rolled back, -2 = aborted.",
+                (
+                    Query(f"max by (app) (ray_intent_rollout_step{{{APP}}})", "step {{app}}"),
+                    Query(
+                        f"max by (app) (ray_intent_rollout_traffic{{{APP}}})",
+                        "candidate % {{app}}",
+                    ),
+                    Query(f"max by (app) (ray_intent_rollout_status{{{APP}}})", "status {{app}}"),
+                ),
+                width=8,
+            ),
+            Panel(
+                "Rollout gate verdicts",
+                "Last verdict per gate: 1 pass, 0.5 not measured in this step, 0 waiting for "
+                "evidence, -1 fail (a failing gate rolls the candidate back).",
+                (
+                    Query(
+                        f"min by (gate) (ray_intent_rollout_gate{{{APP}}})",
+                        "{{gate}}",
+                    ),
+                ),
+                width=8,
+            ),
+            Panel(
+                "Rollout decisions",
+                "Decisions per action and decider over the dashboard's rate window (`auto` "
+                "rollbacks are the ones the gates made).",
+                (
+                    Query(
+                        "sum by (action, by) "
+                        f"(increase(ray_intent_rollout_decisions_total{{{APP}}}{RATE}))",
+                        "{{action}} by {{by}}",
+                    ),
+                ),
+                width=8,
+            ),
+        ),
+    ),
+    (
         "Streams",
         (
             Panel(

@@ -20,10 +20,12 @@ from fastapi import FastAPI
 from servecore.api import (
     admin,
     context,
+    feedback,
     health,
     jobs,
     mlflow_scoring,
     openai,
+    rollouts,
     streams,
     v1,
     v2,
@@ -51,10 +53,10 @@ def build(title: str, description: str, fronts: tuple[ModuleType, ...]) -> FastA
 app = build(
     "Intent serving",
     "Customer-support intent routing on Ray Serve, models from the MLflow registry.",
-    (v1, openai, v2, jobs, streams, admin, views, health),
+    (v1, openai, v2, jobs, streams, admin, rollouts, feedback, views, health),
 )
 model_app = build(
     "Model serving",
     "A registered MLflow model on Ray Serve: OIP v2 (REST and gRPC) and MLflow's /invocations.",
-    (mlflow_scoring, v2, admin, views, health),
+    (mlflow_scoring, v2, admin, rollouts, views, health),
 )

@@ -89,9 +89,11 @@ def required_scope(path: str) -> Scope | None | Literal["open"]:
         return "open"
     if path.startswith("/v1/jobs"):
         return "jobs"
-    if path.startswith(("/v1/experiments", "/v1/monitoring", "/v1/admin", "/v1/streams")):
+    if path.startswith(
+        ("/v1/experiments", "/v1/monitoring", "/v1/admin", "/v1/streams", "/v1/rollouts")
+    ):
         return "admin"
-    if path.startswith(("/v1/predict", "/v1/embeddings", "/v1/models")):
+    if path.startswith(("/v1/predict", "/v1/embeddings", "/v1/models", "/v1/feedback")):
         return "predict"
     if path in ("/v2/health/live", "/v2/health/ready"):
         return "open"

@@ -33,6 +33,9 @@ class Services:
     """How ``/v1/predict`` streams its answers (``user_config.streaming``); None: defaults."""
     streams: DeploymentHandle | None = None
     """The application's ``StreamConsumer`` (``GET /v1/streams``); None: no streams."""
+    app_name: str = ""
+    """The Serve application this gateway replica belongs to (rollouts and feedback are kept
+    per application)."""
 
 
 _current: Services | None = None

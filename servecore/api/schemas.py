@@ -208,3 +208,39 @@ class RollbackRequest(BaseModel):
 
     models: list[Annotated[str, Field(pattern=_MODEL_NAME)]] = Field(min_length=1, max_length=32)
     alias: str = Field(default="champion", pattern=ALIAS_PATTERN)
+
+
+class StartRolloutRequest(BaseModel):
+    """``POST /v1/rollouts``: the candidate's versions, and optionally the steps and gates
+    (defaults: README, "Progressive delivery")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: dict[
+        Annotated[str, Field(pattern=_MODEL_NAME)], Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+    ] = Field(min_length=1, max_length=16)
+    steps: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=20)
+    gates: dict[str, Any] | None = None
+    note: str = Field(default="", max_length=500)
+
+
+class RolloutActionRequest(BaseModel):
+    """``POST /v1/rollouts/{id}/{action}``: why (kept in the decision)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=500)
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: the true label of one text of an answered request."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"request_id": "3f2a...", "label": "refund"}]},
+    )
+
+    request_id: str = Field(min_length=1, max_length=100)
+    label: str = Field(min_length=1, max_length=100)
+    position: int = Field(default=0, ge=0, le=10_000)
+    """Which text of the request (0 for a one-text request)."""

@@ -95,6 +95,40 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "`agree` or `disagree` (agreement = agree / all).",
     ),
     MetricSpec(
+        "intent_rollout_decisions",
+        "counter",
+        ("app", "action", "by"),
+        "Rollout decisions: `start`, `advance`, `promote`, `rollback`, `pause`, `resume`, "
+        "`abort`; `by` is `auto` (the gates) or who acted. A `rollback` by `auto` is an "
+        "automatic rollback.",
+    ),
+    MetricSpec(
+        "intent_rollout_step",
+        "gauge",
+        ("app",),
+        "Step (0-based) of the application's current rollout, from each gateway replica.",
+    ),
+    MetricSpec(
+        "intent_rollout_traffic",
+        "gauge",
+        ("app",),
+        "Percent of requests the rollout's candidate answers now (0 in a shadow step and once "
+        "the rollout has ended).",
+    ),
+    MetricSpec(
+        "intent_rollout_status",
+        "gauge",
+        ("app",),
+        "The current rollout: 0 running, 1 completed (promoted), -1 rolled back, -2 aborted.",
+    ),
+    MetricSpec(
+        "intent_rollout_gate",
+        "gauge",
+        ("app", "gate"),
+        "Last verdict of each rollout gate (`errors`, `latency`, `agreement`, `accuracy`, "
+        "`drift`): 1 pass, 0.5 not measured in this step, 0 waiting for evidence, -1 fail.",
+    ),
+    MetricSpec(
         "intent_jobs",
         "gauge",
         ("state",),

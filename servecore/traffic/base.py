@@ -103,6 +103,18 @@ class MonitoringConfig(BaseModel):
     """Samples waiting to be sent; more are dropped (the monitor is down or slow)."""
 
 
+class FeedbackConfig(BaseModel):
+    """``user_config.feedback``: answers kept so that callers can send the true label later
+    (``POST /v1/feedback``), for the rollouts' accuracy gate and for retraining."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    record_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of ``/v1/predict`` answers recorded (texts, labels, variant, release) in the job
+    store's database; 0 (the default) records nothing and costs nothing per request. Feedback
+    on an answer that was not recorded is a 404."""
+
+
 class TrafficConfig(BaseModel):
     """Live knobs of the traffic core (part of the ``Gateway`` deployment's ``user_config``)."""
 
@@ -124,6 +136,7 @@ class TrafficConfig(BaseModel):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @model_validator(mode="after")
     def _shadow_variant_exists(self) -> TrafficConfig:
@@ -176,6 +189,11 @@ class ServingCore(Generic[Request]):
         self.releases: dict[str, Release] = {
             v.name: Release.resolve_variant(self.uris, v.alias) for v in knobs.experiment.variants
         }
+        self._retired: dict[str, Release] = {}
+        """Releases of variants no longer configured, for the calls already assigned to them
+        (a rollout that ends removes its candidate variant while requests are in flight)."""
+        self.rollouts: Any = None
+        """The replica's :class:`~servecore.rollouts.agent.RolloutAgent` (None: none)."""
         self.previous_releases: dict[str, Release] = {}
         self.release_swaps = 0
         self.release_error: str | None = None
@@ -185,7 +203,8 @@ class ServingCore(Generic[Request]):
         self.variant_stats: dict[str, VariantStats] = {}
         self.shadow_stats = ShadowStats()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
-        self.breaker = CircuitBreaker(knobs.fallback.failure_threshold, knobs.fallback.cooldown_s)
+        self.breakers: dict[str, CircuitBreaker] = {}
+        """One circuit per variant: a failing candidate must not open the champion's."""
         self.fallbacks: dict[str, int] = {}
         self.cache = ResponseCache(knobs.cache)
         logger.info("traffic core serving %s", {n: r.key for n, r in self.releases.items()})
@@ -233,7 +252,9 @@ class ServingCore(Generic[Request]):
             )
             self.releases.update(resolved)
         for name in set(self.releases) - set(wanted):
-            del self.releases[name]
+            self._retired[name] = self.releases.pop(name)
+        for name in set(self._retired) & set(wanted):
+            del self._retired[name]
         previous, self.knobs = self.knobs, knobs
         self.graph_timeout_s = knobs.graph_timeout_s
         for coalescer in self.coalescers.values():
@@ -247,10 +268,8 @@ class ServingCore(Generic[Request]):
             self.variant_stats = {}
         if knobs.shadow != previous.shadow:
             self.shadow_stats = ShadowStats()
-        if knobs.fallback != previous.fallback:  # new settings: a fresh circuit
-            self.breaker = CircuitBreaker(
-                knobs.fallback.failure_threshold, knobs.fallback.cooldown_s
-            )
+        if knobs.fallback != previous.fallback:  # new settings: fresh circuits
+            self.breakers = {}
         self.cache.configure(knobs.cache)
         self._ensure_watcher()
 
@@ -263,6 +282,22 @@ class ServingCore(Generic[Request]):
     def _ensure_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch_registry())
+        if self.rollouts is not None:
+            self.rollouts.ensure_running()
+
+    def release_of(self, variant: str) -> Release:
+        """The release ``variant`` runs on, also just after it stopped being configured (for
+        calls already assigned to it)."""
+        release = self.releases.get(variant)
+        return release if release is not None else self._retired[variant]
+
+    def breaker(self, variant: str) -> CircuitBreaker:
+        found = self.breakers.get(variant)
+        if found is None:
+            fallback = self.knobs.fallback
+            found = CircuitBreaker(fallback.failure_threshold, fallback.cooldown_s)
+            self.breakers[variant] = found
+        return found
 
     def resolve_all(self) -> dict[str, Release]:
         """Every variant's release as the registry's aliases name it now (blocking: call it in
@@ -361,7 +396,8 @@ class ServingCore(Generic[Request]):
         fallback = self.knobs.fallback
         if fallback.stage is None:
             return await self._coalescer(variant).submit(request)
-        if not self.breaker.allow():
+        breaker = self.breaker(variant)
+        if not breaker.allow():
             raise PrimaryUnavailable(
                 "circuit_open", "circuit open: the primary pipeline failed repeatedly"
             )
@@ -370,16 +406,16 @@ class ServingCore(Generic[Request]):
                 self._coalescer(variant).submit(request), fallback.deadline_s
             )
         except TimeoutError as e:
-            self.breaker.failure()
+            breaker.failure()
             raise PrimaryUnavailable(
                 "deadline", f"the primary pipeline missed its {fallback.deadline_s:g}s deadline"
             ) from e
         except STAGE_ERRORS as e:
-            self.breaker.failure()
+            breaker.failure()
             raise PrimaryUnavailable(
                 "error", f"the primary pipeline failed ({type(e).__name__})"
             ) from e
-        self.breaker.success()
+        breaker.success()
         return output
 
     def _variant_for(self, user_key: str | None, variant: str | None) -> str:
@@ -473,12 +509,20 @@ class ServingCore(Generic[Request]):
         except Exception as e:  # noqa: BLE001 - a shadow failure never reaches a caller
             self.shadow_stats.errors += 1
             logger.warning("shadow call to %s failed: %r", variant, e)
+            if (evidence := self._evidence(variant)) is not None:
+                evidence.shadow(True, 0, 0, None)
             return
+        spent = time.perf_counter() - started
         shadow_labels = self._labels_of(output.batch)
+        evidence = self._evidence(variant)
         if len(shadow_labels) != len(labels):
-            return  # outputs that are not labels (scores): nothing to compare
-        self.shadow_stats.record(labels, shadow_labels, time.perf_counter() - started - took)
+            if evidence is not None:  # outputs that are not labels (scores): nothing to compare
+                evidence.shadow(False, 0, 0, spent * 1000.0)
+            return
+        self.shadow_stats.record(labels, shadow_labels, spent - took)
         agreed = sum(a == b for a, b in zip(labels, shadow_labels, strict=True))
+        if evidence is not None:
+            evidence.shadow(False, len(labels), agreed, spent * 1000.0)
         comparisons = metric("intent_shadow_comparisons")
         for outcome, n in (("agree", agreed), ("disagree", len(labels) - agreed)):
             if n:
@@ -502,12 +546,26 @@ class ServingCore(Generic[Request]):
         rate = self.knobs.monitoring.sample_rate
         return self.monitor is not None and rate > 0 and random.random() < rate
 
-    @staticmethod
-    def _observe_request(variant: str, outcome: str, started: float) -> None:
+    def _evidence(self, variant: str) -> Any:
+        """The rollout's evidence buffer when ``variant`` is its candidate (None: no rollout)."""
+        agent = self.rollouts
+        if agent is None or agent.buffer is None or variant != "candidate":
+            return None
+        return agent.buffer
+
+    def _observe_request(
+        self, variant: str, outcome: str, started: float, computed: bool = True
+    ) -> None:
+        """Export the request's latency; with a rollout running, count it as evidence (its
+        latency only when the pipeline computed the answer: cached answers say nothing of a
+        release's speed)."""
+        latency_ms = (time.perf_counter() - started) * 1000.0
         metric("intent_request_latency_ms").observe(
-            (time.perf_counter() - started) * 1000.0,
-            tags={"variant": variant, "outcome": outcome},
+            latency_ms, tags={"variant": variant, "outcome": outcome}
         )
+        agent = self.rollouts
+        if agent is not None and agent.buffer is not None:
+            agent.buffer.request(variant, outcome != "ok", latency_ms if computed else None)
 
     def _start_sender(self) -> None:
         """Make sure queued samples are on their way (a task of its own, never awaited)."""
@@ -624,7 +682,8 @@ class ServingCore(Generic[Request]):
             "fallback": {
                 **knobs.fallback.model_dump(),
                 "fallbacks": dict(self.fallbacks),
-                "circuit": self.breaker.to_dict(),
+                "circuit": self.breaker(knobs.experiment.variants[0].name).to_dict(),
+                "circuits": {name: b.to_dict() for name, b in sorted(self.breakers.items())},
             },
             "cache": self.cache.to_dict(),
         }

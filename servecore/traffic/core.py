@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ class TrafficCore(ServingCore[GraphRequest]):
         # The release is read once per graph call: every text in it runs on the same versions.
         output = await self._graph(
             [t for texts, _, _ in requests for t in texts],
-            self.releases[variant],
+            self.release_of(variant),
             self.graph_timeout_s,
             embed=any(embed for _, _, embed in requests),
         )
@@ -208,7 +209,14 @@ class TrafficCore(ServingCore[GraphRequest]):
         except Exception:
             self._observe_request(variant, "error", started)
             raise
-        self._observe_request(variant, "degraded" if answer.degraded else "ok", started)
+        self._observe_request(
+            variant, "degraded" if answer.degraded else "ok", started, answer.cached < len(texts)
+        )
+        agent = self.rollouts
+        rate = self.knobs.feedback.record_rate
+        if agent is not None and rate > 0 and random.random() < rate:
+            release = self.release_of(variant).key
+            agent.record_answer(rid, variant, release, texts, answer.labels)
         if sampled:
             self._sample(texts, answer, cached_flags, embeddings, rid, started)
         return answer
@@ -225,7 +233,7 @@ class TrafficCore(ServingCore[GraphRequest]):
         """The answer, which texts came from the cache, and (with ``embed``) each text's
         embedding where the pipeline computed one now (None for cached or degraded texts)."""
         stats = self.variant_stats.setdefault(variant, VariantStats())
-        release = self.releases[variant]
+        release = self.release_of(variant)
         cached = self._cache_lookup(texts, release, use_cache)
         missing = [i for i, hit in enumerate(cached) if hit is None]
         labels: list[str] = [hit.label if hit else "" for hit in cached]

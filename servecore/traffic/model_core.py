@@ -219,7 +219,9 @@ class ModelCore(ServingCore[ModelRequest]):
         sizes = [num_rows(rows) for rows, _, _ in requests]
         self._batch_started([rid for _, rid, _ in requests], sum(sizes), "model call")
         batch = concat_batches([rows for rows, _, _ in requests])
-        output = await self._call(MODEL_STAGE, batch, self.releases[variant], self.graph_timeout_s)
+        output = await self._call(
+            MODEL_STAGE, batch, self.release_of(variant), self.graph_timeout_s
+        )
         return [StageOutput(part, output.models) for part in split_batch(output.batch, sizes)]
 
     async def predict(
@@ -242,7 +244,12 @@ class ModelCore(ServingCore[ModelRequest]):
         except Exception:
             self._observe_request(variant, "error", started)
             raise
-        self._observe_request(variant, "degraded" if answer.degraded else "ok", started)
+        self._observe_request(
+            variant,
+            "degraded" if answer.degraded else "ok",
+            started,
+            answer.cached < num_rows(rows),
+        )
         if sample and self._sampled():
             self._sample(rows, answer, started)
         return answer
@@ -267,7 +274,7 @@ class ModelCore(ServingCore[ModelRequest]):
         self, rows: Batch, variant: str, use_cache: bool, rid: str, started: float
     ) -> Prediction:
         stats = self.variant_stats.setdefault(variant, VariantStats())
-        release = self.releases[variant]
+        release = self.release_of(variant)
         n = num_rows(rows)
         keys = [""] * n  # a bypassing caller looks nothing up
         if use_cache:

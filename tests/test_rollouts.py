@@ -287,9 +287,17 @@ def test_a_failing_candidate_is_rolled_back_within_its_first_step(served):
     # It never had more than the first step's share: no advance, and about 10% of answers.
     share = load.variants()["candidate"] / sum(load.variants().values())
     assert share < 0.25, load.variants()
-    # The bound stated in the README: the evidence for half failing at 10% of 60 req/s arrives
-    # within a few seconds; the decision follows within about two sync intervals.
-    assert took < 20, f"rolled back after {took:.1f} s"
+    # The bound stated in the README: once the failures prove it (five or so when half fail),
+    # the candidate answers nobody more than three sync intervals later.
+    failures = sorted(t for t, _, v, degraded, _ in load.outcomes if v == "candidate" and degraded)
+    last = max(t for t, _, v, _, _ in load.outcomes if v == "candidate")
+    assert len(failures) >= 3, failures
+    proof = failures[min(4, len(failures) - 1)]
+    assert last - proof <= 3 * SYNC_S + 0.5, (last - proof, took)
+    print(
+        f"rollback: {took:.1f} s after the start, last candidate answer {last - proof:.2f} s "
+        f"after its 5th failure; {len(failures)} failed candidate answers in all"
+    )
 
 
 def test_a_slower_candidate_is_rolled_back_by_the_latency_gate(served):

@@ -178,7 +178,9 @@ class RolloutAgent:
         buffer = self.buffer
         evidence = buffer.drain() if buffer is not None else None
         answers, self.answers = self.answers, []
-        drift = await self._drift_alarm() if self.leader and buffer is not None else None
+        # The drift alarm is read by every replica that follows a running step (one monitor
+        # call per sync): whichever holds the lease judges with it.
+        drift = await self._drift_alarm() if buffer is not None else None
         rollout = await asyncio.to_thread(self._sync_store, buffer, evidence, answers, drift)
         await self._follow(rollout)
         return rollout
@@ -221,9 +223,6 @@ class RolloutAgent:
                 rollout, decision = folded
                 if decision is not None:
                     log_decision(rollout, decision)
-                    metric("intent_rollout_decisions").inc(
-                        tags={"app": self.app, "action": decision.action, "by": decision.by}
-                    )
         if rollout.tagged < len(rollout.history) or (
             not rollout.active and not rollout.effects_done
         ):

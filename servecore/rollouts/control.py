@@ -39,7 +39,8 @@ def get_store(url: str | None = None) -> RolloutStore:
 
 
 def log_decision(rollout: Rollout, decision: Decision) -> None:
-    """The decision as one JSON log line (replicas log JSON; the line is the message)."""
+    """The decision as one JSON log line (replicas log JSON; the line is the message) and a
+    count on ``intent_rollout_decisions`` (where a metrics exporter runs: a replica)."""
     record = {
         "event": "rollout_decision",
         "rollout": rollout.id,
@@ -49,6 +50,14 @@ def log_decision(rollout: Rollout, decision: Decision) -> None:
         "gates": {g.gate: g.verdict for g in decision.gates},
     }
     logger.info("%s", json.dumps(record, sort_keys=True))
+    try:
+        from servecore.monitoring.telemetry import metric
+
+        metric("intent_rollout_decisions").inc(
+            tags={"app": rollout.app, "action": decision.action, "by": decision.by}
+        )
+    except Exception:  # noqa: BLE001 - outside Ray (the command line) there is no exporter
+        logger.debug("no metrics exporter here", exc_info=True)
 
 
 def start_rollout(

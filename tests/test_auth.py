@@ -77,6 +77,9 @@ def test_scopes_of_routes():
     assert required_scope("/v1/jobs/abc") == "jobs"
     assert required_scope("/v1/experiments") == "admin"
     assert required_scope("/v1/monitoring/drift") == "admin"
+    assert required_scope("/v1/rollouts") == "admin"
+    assert required_scope("/v1/rollouts/abc/abort") == "admin"
+    assert required_scope("/v1/feedback") == "predict"
     assert required_scope("/docs") is None
 
 

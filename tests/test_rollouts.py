@@ -199,7 +199,9 @@ def test_a_candidate_that_answers_like_the_champion_walks_every_step_and_becomes
     served, serve_instance
 ):
     version = served.register()
-    steps = [_step(0, 0.5), _step(5, 0.2), _step(25, 0.1), _step(50), _step(100)]
+    # The default plan's shape (shadow → a small share with shadow → … → 100%), sized for the
+    # test's 60 req/s.
+    steps = [_step(0, 0.5), _step(10, 0.2), _step(25, 0.1), _step(50), _step(100)]
     with Load(served.url) as load:
         rollout = served.start(version, steps)
         assert rollout["status"] == "running" and rollout["step"] == 0

@@ -470,10 +470,12 @@ def test_alias_move_hot_swaps_and_rolls_back_with_no_failed_request(apps, fraud)
                 answer = r.json().get("predictions") if r.status_code == 200 else r.text
                 seen.append((r.status_code, r.headers.get("x-model-version", ""), answer))
 
-    def wait_for(version: str) -> None:
+    def wait_for(version: str, since: int = 0) -> None:
+        """Until ``version`` answers a request sent after the first ``since`` answers (answers
+        from before an alias move must not count as its effect)."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if any(v == version for _, v, _ in seen[-3:]):
+            if any(v == version for _, v, _ in seen[since:]):
                 return
             time.sleep(0.2)
         raise AssertionError(f"version {version} never answered; last: {seen[-1:]}")
@@ -482,10 +484,12 @@ def test_alias_move_hot_swaps_and_rolls_back_with_no_failed_request(apps, fraud)
     worker.start()
     try:
         wait_for(fraud["v1"])
+        moved_at = len(seen)
         move_alias(fraud["v2"])
-        wait_for(fraud["v2"])
+        wait_for(fraud["v2"], moved_at)
+        moved_at = len(seen)
         move_alias(fraud["v1"])  # rollback: the previous version is still loaded
-        wait_for(fraud["v1"])
+        wait_for(fraud["v1"], moved_at)
     finally:
         stop.set()
         worker.join()

@@ -205,12 +205,14 @@ class RolloutAgent:
         store = get_store(self.store_url)
         if answers:
             store.record_predictions(answers)
-        if buffer is not None and evidence is not None:
-            store.add_evidence(buffer.rollout_id, buffer.step, evidence)
         rollout = store.current(self.app)
         if rollout is None:
             self.leader = False
             return None
+        ours = buffer is not None and buffer.rollout_id == rollout.id
+        if ours and evidence is not None and rollout.active:
+            assert buffer is not None
+            store.add_evidence(buffer.rollout_id, buffer.step, evidence)
         self.leader = store.lead(rollout.id, self.replica, lease_s=max(3.0, 3 * self.sync_s))
         if not self.leader:
             return rollout

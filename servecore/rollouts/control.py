@@ -81,11 +81,16 @@ def start_rollout(
             raise RegistryError(
                 f"{unknown} not served by application {plan.app!r}: it serves {served_models}"
             )
-    running = store.active(plan.app)
-    if running is not None:
+    running = store.current(plan.app)
+    if running is not None and running.active:
         raise RolloutConflict(
             f"application {plan.app!r} already runs rollout {running.id}: one at a time "
             "(abort it first)"
+        )
+    if running is not None:
+        raise RolloutConflict(
+            f"rollout {running.id} of {plan.app!r} has ended ({running.status}) but the registry "
+            "does not show it yet (a gateway of the application applies it): retry shortly"
         )
     client = client or get_client()
     champion = {}
@@ -144,6 +149,8 @@ def sync_registry(
             stored.effects_done = True
 
     updated, _ = store.update(rollout.id, mark)
+    if updated.effects_done:
+        store.drop_evidence(rollout.id)  # sent by replicas after the end: nobody reads it
     return updated
 
 

@@ -263,6 +263,10 @@ class RolloutStore:
                 )
             )
 
+    def drop_evidence(self, rollout_id: str) -> None:
+        with self._tx() as tx:
+            tx.execute(evidence_table.delete().where(evidence_table.c.rollout_id == rollout_id))
+
     def fold_evidence(
         self, rollout_id: str, judge: Callable[[Rollout], Any], rng: random.Random | None = None
     ) -> tuple[Rollout, Any] | None:

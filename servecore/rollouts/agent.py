@@ -181,7 +181,15 @@ class RolloutAgent:
         # The drift alarm is read by every replica that follows a running step (one monitor
         # call per sync): whichever holds the lease judges with it.
         drift = await self._drift_alarm() if buffer is not None else None
-        rollout = await asyncio.to_thread(self._sync_store, buffer, evidence, answers, drift)
+        try:
+            rollout = await asyncio.to_thread(self._sync_store, buffer, evidence, answers, drift)
+        except Exception:
+            # The store did not take them: keep them for the next sync (bounded), so an outage
+            # loses neither recorded answers nor evidence.
+            self.answers = (answers + self.answers)[:10_000]
+            if buffer is not None and evidence is not None and self.buffer is buffer:
+                buffer.evidence.merge(evidence)
+            raise
         await self._follow(rollout)
         return rollout
 
@@ -193,7 +201,8 @@ class RolloutAgent:
         except Exception as e:  # noqa: BLE001 - no report: hold, as an alarm would
             logger.warning("rollout agent: no drift report: %r", e)
             return True
-        return bool(report.get("alarm", False))
+        # The intent monitor reports ``alarm``; a model application's monitor its ``status``.
+        return bool(report.get("alarm", report.get("status") == "drift"))
 
     def _sync_store(
         self,

@@ -285,3 +285,27 @@ def test_feedback_is_checked_against_the_recorded_answer(tmp_path):
     assert store.acquire("retrain:demo", "you", 60) == "me"
     store.release("retrain:demo", "me")
     assert store.acquire("retrain:demo", "you", 60) is None
+
+
+def test_the_replica_buffer_counts_both_variants_and_keeps_a_bounded_uniform_sample():
+    from servecore.rollouts.agent import EvidenceBuffer
+    from servecore.rollouts.model import LATENCY_CAP
+
+    buffer = EvidenceBuffer("r1", 2, champion="champion")
+    for i in range(LATENCY_CAP + 1000):
+        buffer.request("champion", False, float(i))
+    buffer.request("candidate", True, 5.0)  # a failure's latency is not a speed sample
+    buffer.request("candidate", False, None)  # a cached answer: counted, no latency
+    buffer.request("other", False, 1.0)  # a variant outside the rollout: ignored
+    buffer.shadow(False, compared=3, agreed=2, latency_ms=7.0)
+    buffer.shadow(True, compared=0, agreed=0, latency_ms=None)
+    evidence = buffer.drain()
+    assert evidence is not None and buffer.drain() is None
+    champion = evidence.champion
+    assert champion.requests == LATENCY_CAP + 1000 == champion.latency_seen
+    assert len(champion.latencies_ms) == LATENCY_CAP
+    assert max(champion.latencies_ms) >= LATENCY_CAP  # later values get in too
+    candidate = evidence.candidate
+    assert (candidate.requests, candidate.failures, candidate.latencies_ms) == (2, 1, [7.0])
+    assert (evidence.shadow_calls, evidence.shadow_failures) == (2, 1)
+    assert (evidence.compared, evidence.agreed) == (3, 2)

@@ -309,3 +309,17 @@ def test_the_replica_buffer_counts_both_variants_and_keeps_a_bounded_uniform_sam
     assert (candidate.requests, candidate.failures, candidate.latencies_ms) == (2, 1, [7.0])
     assert (evidence.shadow_calls, evidence.shadow_failures) == (2, 1)
     assert (evidence.compared, evidence.agreed) == (3, 2)
+
+
+def test_the_retraining_scheduler_runs_on_time_and_on_a_held_drift_alarm_with_a_cooldown():
+    from training.retrain import Trigger
+
+    timed = Trigger(every_s=100, drift_checks=0, cooldown_s=0)
+    assert [timed.due(t, None) for t in (0, 50, 99, 100, 150, 200)] == [
+        True, False, False, True, False, True
+    ]  # fmt: skip
+    drift = Trigger(every_s=0, drift_checks=3, cooldown_s=1000)
+    seen = [drift.due(t, alarm) for t, alarm in enumerate([True, True, False, True, True, True])]
+    assert seen == [False, False, False, False, False, True]  # three in a row, not three in all
+    assert not drift.wants_drift(500) and drift.wants_drift(1005)
+    assert not drift.due(1006, True)

@@ -385,6 +385,38 @@ def retrain(options: RetrainOptions) -> dict[str, Any]:
     return Retrainer(options).run()
 
 
+class Trigger:
+    """When the scheduler runs a retraining: every ``every_s`` seconds (0: never by time), and
+    after ``drift_checks`` consecutive drift alarms (0: never by drift), at most once per
+    ``cooldown_s`` on drift (the alarm may hold until the new model is out)."""
+
+    def __init__(self, every_s: float, drift_checks: int, cooldown_s: float) -> None:
+        self.every_s = every_s
+        self.drift_checks = drift_checks
+        self.cooldown_s = cooldown_s
+        self.alarms = 0
+        self.last_run: float | None = None
+
+    def wants_drift(self, now: float) -> bool:
+        """Whether a drift check is useful now (outside the cooldown after a run)."""
+        return self.drift_checks > 0 and (
+            self.last_run is None or now - self.last_run >= self.cooldown_s
+        )
+
+    def due(self, now: float, alarm: bool | None) -> bool:
+        """Record a drift check's result (None: no check) and say whether to run now."""
+        if alarm is not None:
+            self.alarms = self.alarms + 1 if alarm else 0
+        by_time = self.every_s > 0 and (
+            self.last_run is None or now - self.last_run >= self.every_s
+        )
+        by_drift = self.drift_checks > 0 and self.alarms >= self.drift_checks
+        if by_time or by_drift:
+            self.last_run, self.alarms = now, 0
+            return True
+        return False
+
+
 def drift_alarm(url: str, api_key: str | None) -> bool:
     """Whether the application's drift monitor raises its alarm now."""
     import httpx
@@ -428,19 +460,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = retrain(options)
         print(json.dumps(report, indent=2))
         return 0 if report["status"] != "busy" else 3
-    alarms, last_run = 0, 0.0
+    trigger = Trigger(args.every, args.drift_checks if args.on_drift else 0, args.cooldown)
     api_key = os.environ.get("INTENT_SERVING_ADMIN_KEY")
     while True:  # a scheduler: runs until stopped
-        due = bool(args.every) and time.time() - last_run >= args.every
-        if args.on_drift and time.time() - last_run >= args.cooldown:
+        alarm = None
+        if args.on_drift and trigger.wants_drift(time.time()):
             try:
-                alarms = alarms + 1 if drift_alarm(args.on_drift, api_key) else 0
+                alarm = drift_alarm(args.on_drift, api_key)
             except Exception as e:  # noqa: BLE001 - no report: wait for the next check
                 logger.warning("drift check failed: %r", e)
-            if alarms >= args.drift_checks:
-                due, alarms = True, 0
-        if due:
-            last_run = time.time()
+        if trigger.due(time.time(), alarm):
             try:
                 print(json.dumps(retrain(options), indent=2), flush=True)
             except Exception:  # noqa: BLE001 - a failed run waits for the next turn

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -208,7 +209,11 @@ def test_jobs_survive_a_runner_crash_and_each_result_is_written_once(url, jobs_s
     import ray
 
     store = JobStore(store_url(jobs_settings))
-    cycled = texts * 4  # the test split has 210 texts; each job gets its own 128 in a new order
+    # Texts no earlier test sent: answers from the gateway's cache would finish a job in
+    # milliseconds, before the kill below lands, and no job would be running when it does.
+    fresh = uuid.uuid4().hex[:8]
+    cycled = [f"{text} (ref {fresh})" for text in texts] * 4
+    # The test split has 210 texts; each job gets its own 128 in a new order.
     slices = [cycled[i * 37 : i * 37 + 128] for i in range(5)]
     ids = [submit(url, {"texts": s}).json()["id"] for s in slices]
     wait_until(

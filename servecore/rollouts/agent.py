@@ -168,6 +168,12 @@ class RolloutAgent:
                 if self.last_error is not None:
                     logger.info("rollout agent: the store answers again")
                 self.last_error = None
+            except RuntimeError as e:
+                if "shutdown" in str(e):
+                    return  # the replica is stopping: its thread pool is gone
+                if self.last_error is None:
+                    logger.warning("rollout agent: sync failed: %r", e)
+                self.last_error = repr(e)
             except Exception as e:  # noqa: BLE001 - keep following; the split stays as it is
                 if self.last_error is None:
                     logger.warning("rollout agent: sync failed: %r", e)

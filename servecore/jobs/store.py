@@ -142,35 +142,51 @@ def _job(row: Any) -> Job:
     )
 
 
-class JobStore:
-    """Jobs in one SQL table (see the module docstring). Every method is one short transaction;
-    safe to share between threads and processes."""
+def sql_engine(url: str) -> sa.Engine:
+    """An engine for one of the platform's SQL stores (jobs, rollouts). For sqlite, the embedded
+    default: its folder is created, and WAL journaling lets readers never wait for the writer
+    while several processes share the file."""
+    connect_args: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        connect_args = {"timeout": 30, "check_same_thread": False}
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args=connect_args, future=True)
+    if url.startswith("sqlite"):
+
+        @sa.event.listens_for(engine, "connect")
+        def _wal(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    return engine
+
+
+class SqlStore:
+    """A store of tables in one database (``tables``, created when missing); every method of a
+    subclass is one short transaction (:meth:`_tx`), safe to share between threads and
+    processes."""
+
+    tables: sa.MetaData
 
     def __init__(self, url: str) -> None:
         self.url = url
-        connect_args: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            connect_args = {"timeout": 30, "check_same_thread": False}
-            database = sa.engine.make_url(url).database
-            if database and database != ":memory:":  # the embedded default: create its folder
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
-        if url.startswith("sqlite"):
-
-            @sa.event.listens_for(self.engine, "connect")
-            def _wal(dbapi_connection: Any, _record: Any) -> None:
-                # Readers never wait for the writer; several processes share the file.
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
-
-        metadata.create_all(self.engine)
+        self.engine = sql_engine(url)
+        self.tables.create_all(self.engine)
 
     @contextmanager
     def _tx(self) -> Iterator[sa.Connection]:
         with self.engine.begin() as connection:
             yield connection
+
+
+class JobStore(SqlStore):
+    """Jobs in one SQL table (see the module docstring)."""
+
+    tables = metadata
 
     # --- the API's side -----------------------------------------------------------------------
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from servecore.jobs.store import SqlStore
 from servecore.rollouts.model import Accuracy, Evidence, Rollout
 
 metadata = sa.MetaData()
@@ -103,34 +102,10 @@ class Labelled:
     labelled_at: float
 
 
-class RolloutStore:
-    """See the module docstring. Every method is one short transaction; safe to share between
-    threads and processes."""
+class RolloutStore(SqlStore):
+    """See the module docstring."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        connect_args: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            connect_args = {"timeout": 30, "check_same_thread": False}
-            database = sa.engine.make_url(url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
-        if url.startswith("sqlite"):
-
-            @sa.event.listens_for(self.engine, "connect")
-            def _wal(dbapi_connection: Any, _record: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
-
-        metadata.create_all(self.engine)
-
-    @contextmanager
-    def _tx(self) -> Iterator[sa.Connection]:
-        with self.engine.begin() as connection:
-            yield connection
+    tables = metadata
 
     # --- rollouts ---------------------------------------------------------------------------
 

@@ -323,3 +323,102 @@ def test_the_retraining_scheduler_runs_on_time_and_on_a_held_drift_alarm_with_a_
     assert seen == [False, False, False, False, False, True]  # three in a row, not three in all
     assert not drift.wants_drift(500) and drift.wants_drift(1005)
     assert not drift.due(1006, True)
+
+
+class _Core:
+    """The few traffic-core calls an agent makes, for two agents sharing one store."""
+
+    def __init__(self) -> None:
+        from servecore.traffic.base import TrafficConfig
+
+        self.knobs = TrafficConfig()
+        self.uris: list[str] = []
+        self.monitor = None
+        self.switches = 0
+
+    def resolve_all(self) -> dict:
+        return {}
+
+    async def switch_to(self, found: dict) -> dict:
+        self.switches += 1
+        return {}
+
+    async def _warm_up(self, release) -> None:
+        return None
+
+
+def test_two_replica_agents_pool_their_evidence_one_leads_and_the_other_takes_over(
+    tmp_path, monkeypatch
+):
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from servecore.rollouts import agent as agent_module
+    from servecore.rollouts.agent import RolloutAgent
+    from servecore.rollouts.store import rollouts_table
+    from servecore.traffic.releases import Release
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = RolloutStore(url)
+    monkeypatch.setattr(Release, "resolve_variant", classmethod(lambda cls, uris, alias: cls(())))
+
+    def registry_in_step(store: RolloutStore, rollout: Rollout) -> Rollout:  # no MLflow here
+        def mark(stored: Rollout) -> None:
+            stored.tagged = len(stored.history)
+            stored.effects_done = not stored.active
+
+        return store.update(rollout.id, mark)[0]
+
+    monkeypatch.setattr(agent_module, "sync_registry", registry_in_step)
+    steps = [
+        Step(traffic=10, min_duration_s=0, min_requests=5),
+        Step(traffic=100, min_duration_s=0, min_requests=5),
+    ]
+    rollout = Rollout(plan=RolloutPlan(app="demo", candidate={"head": "2"}, steps=steps))
+    rollout.start("test", 0.0)
+    store.create(rollout)
+    applied: dict[str, list] = {"a": [], "b": []}
+
+    def replica(name: str) -> RolloutAgent:
+        async def apply(override) -> None:
+            applied[name].append(None if override is None else override.candidate_percent)
+
+        return RolloutAgent(_Core(), "demo", name, apply, store_url=url)
+
+    a, b = replica("a"), replica("b")
+
+    def serve(agent: RolloutAgent, champion: int, candidate: int) -> None:
+        for _ in range(champion):
+            agent.buffer.request("champion", False, 10.0)
+        for _ in range(candidate):
+            agent.buffer.request("candidate", False, 11.0)
+
+    async def scenario() -> None:
+        await a.sync()  # a takes the lease; both split 10% to the candidate
+        await b.sync()
+        assert (a.leader, b.leader) == (True, False)
+        serve(a, 5, 3)
+        serve(b, 5, 3)  # neither replica alone has the 5 candidate requests the step needs
+        await b.sync()
+        await a.sync()
+        advanced = store.get(rollout.id)
+        assert advanced.step == 1
+        (errors,) = [g for g in advanced.history[-1].gates if g.gate == "errors"]
+        assert errors.counts["candidate_requests"] == 6 and errors.counts["champion_requests"] == 10
+        # a dies: its lease lapses and b judges the 100% step against the champion's baseline.
+        with store.engine.begin() as tx:
+            tx.execute(sa.update(rollouts_table).values(lease_until=0.0))
+        await b.sync()
+        assert b.leader
+        serve(b, 0, 6)
+        await b.sync()
+        done = store.get(rollout.id)
+        assert done.status == "completed" and done.effects_done
+        assert [d.action for d in done.history] == ["start", "advance", "promote"]
+        await b.sync()  # the end: switch to the promoted release, then the base knobs
+        assert b.core.switches == 1 and applied["b"][-1] is None
+
+    asyncio.run(scenario())
+    # a followed the advance it decided (then "died"); b followed every step, then the end.
+    assert applied["a"] == [10.0, 100.0] and applied["b"] == [10.0, 100.0, None]

@@ -162,6 +162,7 @@ class Retrainer:
         encoder = resolve(self.spec.encoder.model_uri, self.client)
         self.encoder_pin = f"models:/{encoder.name}/{encoder.version}"
         self.encoder_version = f"{encoder.name}/{encoder.version}"
+        self._loaded: dict[str, Any] = {}
         self.members: dict[str, tuple[str, str, str]] = {}
         """member → (input, registered name, champion version)."""
         for member in self.spec.members:
@@ -176,15 +177,26 @@ class Retrainer:
     def heads(self) -> list[str]:
         return [m for m, (kind, _, _) in self.members.items() if kind == "embedding"]
 
-    def _member_probs(self, member: str, texts: list[str], x: np.ndarray) -> np.ndarray:
-        from deployments.bag_of_words import BagOfWords
-        from deployments.heads import ClassifierHead
+    def _champion(self, member: str) -> Any:
+        """The champion's model of ``member`` (a head or a text model), loaded once per run."""
+        loaded = self._loaded.get(member)
+        if loaded is None:
+            from deployments.bag_of_words import BagOfWords
+            from deployments.heads import ClassifierHead
 
-        kind, name, version = self.members[member]
-        uri = f"models:/{name}/{version}"
-        if kind == "embedding":
-            return np.asarray(ClassifierHead(model_uri=uri)({"embedding": x})["probs"])
-        return np.asarray(BagOfWords(model_uri=uri)(text_batch(texts))["probs"])
+            kind, name, version = self.members[member]
+            uri = f"models:/{name}/{version}"
+            loaded = (
+                ClassifierHead(model_uri=uri) if kind == "embedding" else BagOfWords(model_uri=uri)
+            )
+            self._loaded[member] = loaded
+        return loaded
+
+    def _member_probs(self, member: str, texts: list[str], x: np.ndarray) -> np.ndarray:
+        model = self._champion(member)
+        if self.members[member][0] == "embedding":
+            return np.asarray(model({"embedding": x})["probs"])
+        return np.asarray(model(text_batch(texts))["probs"])
 
     def _ensemble_labels(self, probs: dict[str, np.ndarray]) -> list[str]:
         from deployments.ensemble import Ensemble
@@ -247,11 +259,7 @@ class Retrainer:
         nets: dict[str, tuple[Any, dict[str, Any]]] = {}
         candidate_test, candidate_held = dict(champion_test), dict(champion_held)
         for member in self.heads:
-            from deployments.heads import ClassifierHead
-
-            _, name, version = self.members[member]
-            kind = ClassifierHead(model_uri=f"models:/{name}/{version}").kind
-            net, config = train_head(kind, x_train, labels)
+            net, config = train_head(self._champion(member).kind, x_train, labels)
             nets[member] = (net, config)
             candidate_test[member] = _softmax(net, x_test)
             candidate_held[member] = _softmax(net, x_held)

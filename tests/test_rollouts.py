@@ -293,7 +293,9 @@ def test_a_failing_candidate_is_rolled_back_within_its_first_step(served):
     # the candidate answers nobody more than three sync intervals later.
     failures = sorted(t for t, _, v, degraded, _ in load.outcomes if v == "candidate" and degraded)
     last = max(t for t, _, v, _, _ in load.outcomes if v == "candidate")
-    assert len(failures) >= 3, failures
+    # The candidate's failed warm-up counts as evidence too: the gate may have its proof before
+    # five clients see a degraded answer, so the bound runs from the fifth or the last one.
+    assert failures, "no client saw a candidate failure"
     proof = failures[min(4, len(failures) - 1)]
     assert last - proof <= 3 * SYNC_S + 0.5, (last - proof, took)
     print(

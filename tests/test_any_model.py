@@ -143,6 +143,18 @@ def config_with(
     config = load_config(ROOT / "serve_config.yaml")
     entry = yaml.safe_load(FRAUD_ENTRY)
     entry["deployments"][0]["user_config"].update(gateway or {})
+    # A fallback model deployed from the start, idle until a test turns the gateway's
+    # ``fallback`` knob on: a live knob, where adding the deployment would rebuild the app (two
+    # rebuilds cost the fallback test ~20 s). Pinned to the version the ``fraud`` fixture
+    # marked: an alias of the primary's own model would follow the champion's release.
+    from servecore.registry.client import resolve
+
+    entry["args"]["fallback_uri"] = (
+        f"models:/{FRAUD}/{resolve(f'models:/{FRAUD}@fallback').version}"
+    )
+    entry["deployments"].append(
+        {"name": "Fallback", "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
+    )
     config["applications"].append(entry)
     if monitor is not None:
         cancer = next(a for a in config["applications"] if a["name"] == "breast-cancer")
@@ -162,6 +174,9 @@ def fraud(registry) -> dict[str, Any]:
     v1 = register_fraud_model(threshold=150.0)
     v2 = register_fraud_model(threshold=60.0)
     move_alias(v1)
+    from servecore.registry.client import get_client
+
+    get_client().set_registered_model_alias(FRAUD, "fallback", v1)
     probe, _ = synthetic(11, n=40)
     answers = {v: pyfunc(v).predict(probe).tolist() for v in (v1, v2)}
     assert answers[v1] != answers[v2], "the two versions must answer differently to see a swap"
@@ -586,13 +601,8 @@ def test_fallback_model_answers_when_the_primary_fails_and_a_broken_version_is_n
 
     picky = register_python_model(PickyFraudModel())
     broken = register_python_model(BrokenFraudModel())
-    config = config_with(gateway={"fallback": {"stage": "Fallback", "deadline_s": 10}})
-    entry = config["applications"][-1]
-    entry["args"]["fallback_uri"] = f"models:/{FRAUD}/{fraud['v1']}"
-    entry["deployments"].append(
-        {"name": "Fallback", "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
-    )
-    shipped_app(config)
+    # The fallback (version 1) is deployed with the app; turning it on is live.
+    shipped_app(config_with(gateway={"fallback": {"stage": "Fallback", "deadline_s": 10}}))
     _wait_ok(f"{apps}/fraud/readyz")
     base = f"{apps}/fraud"
     probe = fraud["probe"].head(3).assign(amount=[50.0, 150.0, 5000.0])

@@ -294,7 +294,10 @@ class Bootstrapper:
             from deployments.tokenizer import Tokenizer
 
             uri = f"models:/{ENCODER}@{ALIAS}"
-            self._tokenizer, self._encoder = Tokenizer(model_uri=uri), Encoder(model_uri=uri)
+            # 8 rows per forward pass, as served on CPUs: the 1,050 texts of the dataset took
+            # 3.1 s here, against 5.9 s with the class default's 64 (padding to the longest).
+            self._tokenizer = Tokenizer(model_uri=uri)
+            self._encoder = Encoder(model_uri=uri, max_rows_per_forward=8)
         parts = [
             self._encoder(self._tokenizer(text_batch(texts[i : i + 64])))["embedding"]
             for i in range(0, len(texts), 64)

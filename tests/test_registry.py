@@ -75,6 +75,33 @@ def test_resolve_and_fetch(registry):
     assert (folder / "MLmodel").is_file()
 
 
+def test_a_variant_moves_every_alias_it_names_but_the_kept_ones(registry, tmp_path):
+    """``Release.resolve_variant``: a variant's alias replaces each model's own alias where the
+    model has it; a URI in ``keep`` (a fallback) resolves as written."""
+    from servecore.traffic.releases import Release
+
+    client = get_client()
+    name = "variant-keep-probe"  # registry metadata only: versions without a logged model
+    client.create_registered_model(name)
+    for _ in range(3):
+        client.create_model_version(name, source=tmp_path.as_uri())
+    client.set_registered_model_alias(name, "champion", "3")
+    client.set_registered_model_alias(name, "previous", "1")
+    client.set_registered_model_alias(name, "candidate", "2")
+    primary, fallback = f"models:/{name}@champion", f"models:/{name}@previous"
+    uris = [primary, fallback, "models:/intent-bow@champion"]
+
+    def versions(release: Release) -> list[str]:
+        return [ref.version for ref in release.refs]
+
+    # Without keep, the fallback follows the variant to the primary's own version.
+    assert versions(Release.resolve_variant(uris, "champion")) == ["3", "3", "1"]
+    assert versions(Release.resolve_variant(uris, "champion", keep={fallback})) == ["3", "1", "1"]
+    kept = Release.resolve_variant(uris, "candidate", keep={fallback})
+    assert versions(kept) == ["2", "1", "1"]  # intent-bow has no candidate: its own version
+    assert kept.pin(fallback) == f"models:/{name}/1"
+
+
 def test_bad_references_fail_clearly(registry):
     with pytest.raises(RegistryError, match="unsupported model URI 'runs:/abc/model'"):
         parse_model_uri("runs:/abc/model")

@@ -333,6 +333,7 @@ class _Core:
 
         self.knobs = TrafficConfig()
         self.uris: list[str] = []
+        self.fixed_uris: frozenset[str] = frozenset()
         self.monitor = None
         self.switches = 0
 
@@ -361,7 +362,9 @@ def test_two_replica_agents_pool_their_evidence_one_leads_and_the_other_takes_ov
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     store = RolloutStore(url)
-    monkeypatch.setattr(Release, "resolve_variant", classmethod(lambda cls, uris, alias: cls(())))
+    monkeypatch.setattr(
+        Release, "resolve_variant", classmethod(lambda cls, uris, alias, keep=(): cls(()))
+    )
 
     def registry_in_step(store: RolloutStore, rollout: Rollout) -> Rollout:  # no MLflow here
         def mark(stored: Rollout) -> None:

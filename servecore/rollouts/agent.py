@@ -305,7 +305,10 @@ class RolloutAgent:
 
         try:
             release = await asyncio.to_thread(
-                Release.resolve_variant, self.core.uris, CANDIDATE_ALIAS
+                Release.resolve_variant,
+                self.core.uris,
+                CANDIDATE_ALIAS,
+                keep=self.core.fixed_uris,
             )
             await self.core._warm_up(release)
         except Exception as e:  # noqa: BLE001 - counted; the gates decide

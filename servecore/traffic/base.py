@@ -159,7 +159,9 @@ class ServingCore(Generic[Request]):
     """See the module docstring. ``spec`` is the application's spec (anything with
     ``stage_plans()``), ``groups`` the handles of its stage groups, ``monitor`` the monitor's
     (None: nothing is sampled); ``fallback_stages`` are the stages ``fallback.stage`` may name,
-    described by ``fallback_rule`` in the error that refuses any other."""
+    described by ``fallback_rule`` in the error that refuses any other; ``standby_stages`` are
+    those that answer only as a fallback, never on the main route (their models keep their own
+    alias in every variant and rollout)."""
 
     def __init__(
         self,
@@ -168,6 +170,7 @@ class ServingCore(Generic[Request]):
         monitor: DeploymentHandle | None,
         fallback_stages: list[str],
         fallback_rule: str,
+        standby_stages: Sequence[str] = (),
     ) -> None:
         self.spec = spec
         self.groups = dict(groups)
@@ -184,10 +187,18 @@ class ServingCore(Generic[Request]):
             plan.deployment: plan.init_kwargs.get("model_uri") for plan in self.spec.stage_plans()
         }
         self.uris = spec_model_uris(self.spec)
+        main = {uri for stage, uri in self.stage_uris.items() if stage not in standby_stages}
+        self.fixed_uris = frozenset(
+            uri
+            for stage, uri in self.stage_uris.items()
+            if stage in standby_stages and uri is not None and uri not in main
+        )
+        """Models only a standby stage serves: they keep their own alias in every variant."""
         knobs = TrafficConfig()
         self.knobs = knobs
         self.releases: dict[str, Release] = {
-            v.name: Release.resolve_variant(self.uris, v.alias) for v in knobs.experiment.variants
+            v.name: Release.resolve_variant(self.uris, v.alias, keep=self.fixed_uris)
+            for v in knobs.experiment.variants
         }
         self._retired: dict[str, Release] = {}
         """Releases of variants no longer configured, for the calls already assigned to them
@@ -248,7 +259,10 @@ class ServingCore(Generic[Request]):
         }
         if missing:
             resolved = await asyncio.to_thread(
-                lambda: {n: Release.resolve_variant(self.uris, a) for n, a in missing.items()}
+                lambda: {
+                    n: Release.resolve_variant(self.uris, a, keep=self.fixed_uris)
+                    for n, a in missing.items()
+                }
             )
             self.releases.update(resolved)
         for name in set(self.releases) - set(wanted):
@@ -303,7 +317,7 @@ class ServingCore(Generic[Request]):
         """Every variant's release as the registry's aliases name it now (blocking: call it in
         a thread)."""
         return {
-            v.name: Release.resolve_variant(self.uris, v.alias)
+            v.name: Release.resolve_variant(self.uris, v.alias, keep=self.fixed_uris)
             for v in self.knobs.experiment.variants
         }
 

@@ -158,7 +158,9 @@ class ModelCore(ServingCore[ModelRequest]):
         self.spec = spec
         self.app = app
         fallbacks = [FALLBACK_STAGE] if spec.fallback_uri is not None else []
-        super().__init__(spec, groups, monitor, fallbacks, "the fallback model's stage")
+        super().__init__(
+            spec, groups, monitor, fallbacks, "the fallback model's stage", standby_stages=fallbacks
+        )
         self.model = ServedModel(spec.served_name, "model", MODEL_STAGE, ())
         self._registered = ServedModel(spec.registered_name, "model", MODEL_STAGE, ())
         self._versions: dict[str, VersionInfo] = {}

@@ -17,7 +17,7 @@ answering.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -58,10 +58,17 @@ class Release:
 
     @classmethod
     def resolve_variant(
-        cls, uris: Iterable[str], alias: str, client: MlflowClient | None = None
+        cls,
+        uris: Iterable[str],
+        alias: str,
+        client: MlflowClient | None = None,
+        keep: Collection[str] = (),
     ) -> Release:
         """The release of an A/B variant: every model at ``alias`` where it has that alias, the
-        spec's own reference where it does not (a challenger usually replaces one model)."""
+        spec's own reference where it does not (a challenger usually replaces one model).
+
+        URIs in ``keep`` always resolve as written: a fallback model (``@previous``) must not
+        follow the primary's variant or rollout to the very version it stands in for."""
         from servecore.errors import RegistryError, RegistryUnavailable
         from servecore.registry.client import get_client
 
@@ -70,7 +77,7 @@ class Release:
         for uri in uris:
             name, own_alias, _ = parse_model_uri(uri)
             ref = None
-            if own_alias is not None and own_alias != alias:
+            if own_alias is not None and own_alias != alias and uri not in keep:
                 try:
                     ref = replace(resolve(f"models:/{name}@{alias}", client), uri=uri)
                 except RegistryUnavailable:

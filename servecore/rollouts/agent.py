@@ -301,15 +301,8 @@ class RolloutAgent:
     async def _warm_candidate(self, buffer: EvidenceBuffer | None) -> None:
         """One call through the whole graph on the candidate's release before it gets traffic;
         a failure is evidence against it (a failed candidate request)."""
-        from servecore.traffic.releases import Release
-
         try:
-            release = await asyncio.to_thread(
-                Release.resolve_variant,
-                self.core.uris,
-                CANDIDATE_ALIAS,
-                keep=self.core.fixed_uris,
-            )
+            release = await asyncio.to_thread(self.core.release_at, CANDIDATE_ALIAS)
             await self.core._warm_up(release)
         except Exception as e:  # noqa: BLE001 - counted; the gates decide
             logger.warning("rollout agent: the candidate failed its warm-up: %r", e)

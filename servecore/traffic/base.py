@@ -197,8 +197,7 @@ class ServingCore(Generic[Request]):
         knobs = TrafficConfig()
         self.knobs = knobs
         self.releases: dict[str, Release] = {
-            v.name: Release.resolve_variant(self.uris, v.alias, keep=self.fixed_uris)
-            for v in knobs.experiment.variants
+            v.name: self.release_at(v.alias) for v in knobs.experiment.variants
         }
         self._retired: dict[str, Release] = {}
         """Releases of variants no longer configured, for the calls already assigned to them
@@ -259,10 +258,7 @@ class ServingCore(Generic[Request]):
         }
         if missing:
             resolved = await asyncio.to_thread(
-                lambda: {
-                    n: Release.resolve_variant(self.uris, a, keep=self.fixed_uris)
-                    for n, a in missing.items()
-                }
+                lambda: {n: self.release_at(a) for n, a in missing.items()}
             )
             self.releases.update(resolved)
         for name in set(self.releases) - set(wanted):
@@ -316,10 +312,12 @@ class ServingCore(Generic[Request]):
     def resolve_all(self) -> dict[str, Release]:
         """Every variant's release as the registry's aliases name it now (blocking: call it in
         a thread)."""
-        return {
-            v.name: Release.resolve_variant(self.uris, v.alias, keep=self.fixed_uris)
-            for v in self.knobs.experiment.variants
-        }
+        return {v.name: self.release_at(v.alias) for v in self.knobs.experiment.variants}
+
+    def release_at(self, alias: str) -> Release:
+        """The release of a variant on ``alias``, fallback-only models at their own alias
+        (blocking: call it in a thread)."""
+        return Release.resolve_variant(self.uris, alias, keep=self.fixed_uris)
 
     async def _watch_registry(self) -> None:
         """Follow alias moves: see the module docstring."""
